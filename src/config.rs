@@ -1,0 +1,279 @@
+//! Typed settings read from the environment (and an optional `.env` file).
+//!
+//! Every variable has one parser; a bad value stops start-up with a [`ConfigError`] naming the
+//! variable. Secrets are wrapped in [`Secret`], whose `Debug`/`Display` never show the value.
+
+use std::{collections::HashMap, fmt, time::Duration};
+
+/// A value that must never be printed (passwords, API keys, URLs carrying credentials).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// A configuration variable that is missing or malformed.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error in {var}: {message}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn bad(var: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        message: message.into(),
+    }
+}
+
+/// All settings of a callcoach process.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Postgres connection URL (`DATABASE_URL`).
+    pub database_url: Secret,
+    /// Maximum Postgres pool size (`DATABASE_MAX_CONNECTIONS`, default 20).
+    pub database_max_connections: u32,
+    /// Redis URL (`REDIS_URL`, or assembled from `REDIS_HOST/PORT/DB/PASSWORD`).
+    pub redis_url: Secret,
+    /// Redis connection budget (`REDIS_MAX_CONNECTIONS`, default 50).
+    pub redis_max_connections: usize,
+    /// Whether analyses are served from the cache tiers (`ENABLE_CACHING`, default true).
+    pub enable_caching: bool,
+    /// Redis cache TTL in days (`CACHE_TTL_DAYS`, default 90, must be > 0).
+    pub cache_ttl_days: u32,
+    /// Anthropic API key (`ANTHROPIC_API_KEY`); the emulator accepts any key.
+    pub anthropic_api_key: Secret,
+    /// Messages API base URL (`ANTHROPIC_BASE_URL`, default the local emulator).
+    pub anthropic_base_url: String,
+    /// Model id (`CLAUDE_MODEL`).
+    pub claude_model: String,
+    /// Output budget per analysis (`CLAUDE_MAX_TOKENS`, default 1024).
+    pub claude_max_tokens: u32,
+    /// HTTP timeout for one LLM request (`LLM_TIMEOUT_SECS`, default 120).
+    pub llm_timeout: Duration,
+    /// Address `callcoach web` binds (`BIND_ADDR`, default 127.0.0.1:8080).
+    pub bind_addr: String,
+    /// Public base URL used in `status_url` links (`PUBLIC_URL`, default `http://{BIND_ADDR}`).
+    pub public_url: String,
+    /// Concurrent jobs per worker process (`WORKER_CONCURRENCY`, default 8).
+    pub worker_concurrency: usize,
+    /// Attempts before a job is dead-lettered (`JOB_MAX_ATTEMPTS`, default 5).
+    pub job_max_attempts: i32,
+    /// Idle poll interval of workers (`WORKER_POLL_MS`, default 50).
+    pub worker_poll: Duration,
+    /// How often the outbox relay looks for undelivered jobs (`RELAY_INTERVAL_MS`, default 1000).
+    pub relay_interval: Duration,
+}
+
+impl Settings {
+    /// Reads settings from the process environment, after loading `.env` if present.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let _ = dotenvy::dotenv();
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Reads settings from a map of variables (used by `from_env` and by tests).
+    pub fn from_map(env: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = Env(env);
+        let get = &get;
+        let database_url = get
+            .get("DATABASE_URL")
+            .ok_or_else(|| bad("DATABASE_URL", "is not set (e.g. postgres://user@host/db)"))?;
+        if !database_url.starts_with("postgres://") && !database_url.starts_with("postgresql://") {
+            return Err(bad(
+                "DATABASE_URL",
+                "must start with postgres:// or postgresql://",
+            ));
+        }
+        let bind_addr = get.get("BIND_ADDR").unwrap_or("127.0.0.1:8080").to_string();
+        bind_addr
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| bad("BIND_ADDR", format!("{bind_addr:?} is not host:port ({e})")))?;
+        let cache_ttl_days: i64 = parse(get, "CACHE_TTL_DAYS", 90)?;
+        if cache_ttl_days <= 0 {
+            return Err(bad("CACHE_TTL_DAYS", "must be a positive number of days"));
+        }
+        let settings = Settings {
+            database_url: Secret::new(database_url),
+            database_max_connections: positive(get, "DATABASE_MAX_CONNECTIONS", 20)?,
+            redis_url: Secret::new(redis_url(get)?),
+            redis_max_connections: positive(get, "REDIS_MAX_CONNECTIONS", 50)?,
+            enable_caching: parse_bool(get, "ENABLE_CACHING", true)?,
+            cache_ttl_days: u32::try_from(cache_ttl_days)
+                .map_err(|_| bad("CACHE_TTL_DAYS", "is too large"))?,
+            anthropic_api_key: Secret::new(get.get("ANTHROPIC_API_KEY").unwrap_or("emulator-key")),
+            anthropic_base_url: url(get, "ANTHROPIC_BASE_URL", "http://127.0.0.1:4010")?,
+            claude_model: get
+                .get("CLAUDE_MODEL")
+                .unwrap_or("claude-sonnet-4-5-20250929")
+                .to_string(),
+            claude_max_tokens: positive(get, "CLAUDE_MAX_TOKENS", 1024)?,
+            llm_timeout: Duration::from_secs(positive(get, "LLM_TIMEOUT_SECS", 120)?),
+            public_url: get
+                .get("PUBLIC_URL")
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("http://{bind_addr}")),
+            bind_addr,
+            worker_concurrency: positive(get, "WORKER_CONCURRENCY", 8)?,
+            job_max_attempts: positive(get, "JOB_MAX_ATTEMPTS", 5)?,
+            worker_poll: Duration::from_millis(positive(get, "WORKER_POLL_MS", 50)?),
+            relay_interval: Duration::from_millis(positive(get, "RELAY_INTERVAL_MS", 1000)?),
+        };
+        Ok(settings)
+    }
+
+    /// TTL of Redis cache entries.
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_secs(u64::from(self.cache_ttl_days) * 86_400)
+    }
+}
+
+/// Lookup of non-empty, trimmed variables.
+struct Env<'a>(&'a HashMap<String, String>);
+
+impl<'a> Env<'a> {
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.0.get(key).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    get: &Env<'_>,
+    var: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    match get.get(var) {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse()
+            .map_err(|e| bad(var, format!("{raw:?} is not valid: {e}"))),
+    }
+}
+
+fn positive<T>(get: &Env<'_>, var: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + Default + Copy,
+    T::Err: fmt::Display,
+{
+    let value = parse(get, var, default)?;
+    if value <= T::default() {
+        return Err(bad(var, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+fn parse_bool(get: &Env<'_>, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match get.get(var).map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(default),
+        Some("1" | "true" | "yes" | "on") => Ok(true),
+        Some("0" | "false" | "no" | "off") => Ok(false),
+        Some(other) => Err(bad(var, format!("{other:?} is not a boolean (true/false)"))),
+    }
+}
+
+fn url(get: &Env<'_>, var: &'static str, default: &str) -> Result<String, ConfigError> {
+    let value = get.get(var).unwrap_or(default);
+    if !value.starts_with("http://") && !value.starts_with("https://") {
+        return Err(bad(var, "must start with http:// or https://"));
+    }
+    Ok(value.trim_end_matches('/').to_string())
+}
+
+/// `REDIS_URL` wins; otherwise the URL is assembled from the spec's `REDIS_HOST/PORT/DB/PASSWORD`.
+fn redis_url(get: &Env<'_>) -> Result<String, ConfigError> {
+    if let Some(url) = get.get("REDIS_URL") {
+        if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+            return Err(bad("REDIS_URL", "must start with redis:// or rediss://"));
+        }
+        return Ok(url.to_string());
+    }
+    let host = get.get("REDIS_HOST").unwrap_or("127.0.0.1");
+    let port: u16 = parse(get, "REDIS_PORT", 6379)?;
+    let db: u32 = parse(get, "REDIS_DB", 0)?;
+    let auth = get
+        .get("REDIS_PASSWORD")
+        .map(|p| format!(":{p}@"))
+        .unwrap_or_default();
+    Ok(format!("redis://{auth}{host}:{port}/{db}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut map: HashMap<String, String> = [("DATABASE_URL", "postgres://u@h/db")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        map.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        map
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let s = Settings::from_map(&env(&[])).unwrap();
+        assert_eq!(s.redis_max_connections, 50);
+        assert_eq!(s.cache_ttl_days, 90);
+        assert!(s.enable_caching);
+        assert_eq!(s.redis_url.expose(), "redis://127.0.0.1:6379/0");
+    }
+
+    #[test]
+    fn redis_parts_assemble_a_url() {
+        let s = Settings::from_map(&env(&[
+            ("REDIS_HOST", "cache"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_DB", "2"),
+            ("REDIS_PASSWORD", "pw"),
+        ]))
+        .unwrap();
+        assert_eq!(s.redis_url.expose(), "redis://:pw@cache:6380/2");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("CACHE_TTL_DAYS", "0"),
+            ("CACHE_TTL_DAYS", "-3"),
+            ("REDIS_MAX_CONNECTIONS", "lots"),
+            ("ENABLE_CACHING", "maybe"),
+            ("REDIS_PORT", "99999"),
+            ("ANTHROPIC_BASE_URL", "ftp://x"),
+        ] {
+            let err = Settings::from_map(&env(&[(var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{value}");
+            assert!(err.to_string().contains(var));
+        }
+        let err = Settings::from_map(&HashMap::new()).unwrap_err();
+        assert_eq!(err.var, "DATABASE_URL");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let s = Settings::from_map(&env(&[("ANTHROPIC_API_KEY", "sk-ant-very-secret")])).unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("sk-ant-very-secret"));
+        assert!(!printed.contains("postgres://u@h/db"));
+    }
+}

@@ -1,0 +1,283 @@
+//! Postgres access: the pool, embedded migrations, seed data and the queries of the analysis
+//! path. Every statement binds its parameters; no SQL is assembled from input.
+
+use crate::model::{CallInput, Dimension, Role, normalized_transcript, sha256_hex};
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row, postgres::PgPoolOptions};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Migrations under `sql/migrations`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql/migrations");
+
+/// Opens a pool; connecting is lazy so a process can start while Postgres restarts.
+pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy(url)
+        .context("DATABASE_URL is not a valid Postgres URL")
+}
+
+/// Applies pending migrations and loads the seed rubrics and knowledge base (idempotent).
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("applying migrations")?;
+    seed(pool).await
+}
+
+#[derive(Deserialize)]
+struct SeedRubric {
+    role: String,
+    dimension: String,
+    version: String,
+    criteria: String,
+}
+
+#[derive(Deserialize)]
+struct SeedKnowledge {
+    product: String,
+    category: String,
+    version: String,
+    content: String,
+}
+
+/// Inserts the rubrics and knowledge base shipped in `jobs/seed/` unless a version exists.
+async fn seed(pool: &PgPool) -> anyhow::Result<()> {
+    let rubrics: Vec<SeedRubric> =
+        serde_json::from_str(include_str!("../jobs/seed/rubrics.json")).context("rubrics.json")?;
+    for r in rubrics {
+        sqlx::query(
+            "INSERT INTO coaching_rubrics (role, dimension, version, criteria, active)
+             SELECT $1, $2, $3, $4, true
+             WHERE NOT EXISTS (SELECT 1 FROM coaching_rubrics WHERE role = $1 AND dimension = $2)",
+        )
+        .bind(&r.role)
+        .bind(&r.dimension)
+        .bind(&r.version)
+        .bind(&r.criteria)
+        .execute(pool)
+        .await?;
+    }
+    let kb: Vec<SeedKnowledge> =
+        serde_json::from_str(include_str!("../jobs/seed/knowledge_base.json"))
+            .context("knowledge_base.json")?;
+    for k in kb {
+        sqlx::query(
+            "INSERT INTO knowledge_base (product, category, version, content, active)
+             SELECT $1, $2, $3, $4, true
+             WHERE NOT EXISTS (SELECT 1 FROM knowledge_base WHERE product = $1 AND category = $2)",
+        )
+        .bind(&k.product)
+        .bind(&k.category)
+        .bind(&k.version)
+        .bind(&k.content)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Stores a call, its speakers and transcript. Returns `(id, created)`; an `external_id` that
+/// already exists returns the existing call unchanged.
+pub async fn insert_call(pool: &PgPool, call: &CallInput) -> sqlx::Result<(Uuid, bool)> {
+    let mut tx = pool.begin().await?;
+    let id = Uuid::now_v7();
+    let inserted: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO calls (id, external_id, title, product, call_type, scheduled_at,
+                            duration_seconds, rep_email, rep_role)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (external_id) DO NOTHING RETURNING id",
+    )
+    .bind(id)
+    .bind(&call.external_id)
+    .bind(&call.title)
+    .bind(&call.product)
+    .bind(&call.call_type)
+    .bind(call.scheduled_at)
+    .bind(call.duration_seconds)
+    .bind(&call.rep_email)
+    .bind(call.rep_role.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(id) = inserted else {
+        let existing = sqlx::query_scalar("SELECT id FROM calls WHERE external_id = $1")
+            .bind(&call.external_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        return Ok((existing, false));
+    };
+    for s in &call.speakers {
+        sqlx::query(
+            "INSERT INTO speakers (call_id, name, email, role, company_side) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(&s.name)
+        .bind(&s.email)
+        .bind(&s.role)
+        .bind(&s.company_side)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let text = normalized_transcript(&call.transcript);
+    sqlx::query(
+        "INSERT INTO transcripts (call_id, transcript_hash, full_text, utterances) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(id)
+    .bind(sha256_hex(&text))
+    .bind(&text)
+    .bind(sqlx::types::Json(&call.transcript))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((id, true))
+}
+
+/// What an analysis needs to know about a call.
+#[derive(Clone, Debug)]
+pub struct CallForAnalysis {
+    /// Call id.
+    pub id: Uuid,
+    /// The rep being coached.
+    pub rep_email: String,
+    /// Selects the rubric.
+    pub rep_role: Role,
+    /// Normalized transcript text.
+    pub transcript: String,
+    /// SHA-256 of `transcript`.
+    pub transcript_hash: String,
+}
+
+/// Loads a call with its transcript, or `None` if it does not exist.
+pub async fn call_for_analysis(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<CallForAnalysis>> {
+    let row = sqlx::query(
+        "SELECT c.id, c.rep_email, c.rep_role, t.full_text, t.transcript_hash
+         FROM calls c JOIN transcripts t ON t.call_id = c.id WHERE c.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| {
+        let role: String = r.get("rep_role");
+        Ok(CallForAnalysis {
+            id: r.get("id"),
+            rep_email: r.get("rep_email"),
+            rep_role: role
+                .parse()
+                .map_err(|e: String| sqlx::Error::Decode(e.into()))?,
+            transcript: r.get("full_text"),
+            transcript_hash: r.get("transcript_hash"),
+        })
+    })
+    .transpose()
+}
+
+/// Whether a call exists.
+pub async fn call_exists(pool: &PgPool, id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM calls WHERE id = $1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
+/// The active rubric for a role and dimension.
+#[derive(Clone, Debug)]
+pub struct Rubric {
+    /// Version string, part of the cache key.
+    pub version: String,
+    /// Criteria text given to the model.
+    pub criteria: String,
+}
+
+/// Loads the active rubric of a role and dimension.
+pub async fn active_rubric(pool: &PgPool, role: Role, dim: Dimension) -> sqlx::Result<Rubric> {
+    let row = sqlx::query(
+        "SELECT version, criteria FROM coaching_rubrics WHERE role = $1 AND dimension = $2 AND active",
+    )
+    .bind(role.as_str())
+    .bind(dim.as_str())
+    .fetch_one(pool)
+    .await?;
+    Ok(Rubric {
+        version: row.get("version"),
+        criteria: row.get("criteria"),
+    })
+}
+
+/// The active knowledge base: its text and a version digest that changes with any entry.
+pub async fn knowledge_base(pool: &PgPool) -> sqlx::Result<(String, String)> {
+    let rows = sqlx::query(
+        "SELECT product, category, version, content FROM knowledge_base WHERE active ORDER BY product, category",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut text = String::new();
+    let mut versions = String::new();
+    for r in rows {
+        let (product, category, version, content): (String, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        text.push_str(&format!("## {product} / {category}\n{content}\n\n"));
+        versions.push_str(&format!("{product}/{category}@{version};"));
+    }
+    Ok((text, sha256_hex(&versions)[..12].to_string()))
+}
+
+/// A stored coaching result as shown by `GET /v1/calls/{id}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionRow {
+    /// Dimension analysed.
+    pub dimension: String,
+    /// Rubric version used.
+    pub rubric_version: String,
+    /// Score 0-100.
+    pub score: i32,
+    /// The full coaching result.
+    pub result: serde_json::Value,
+    /// When it was stored.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Every coaching result of a call, newest first.
+pub async fn sessions_for_call(pool: &PgPool, call_id: Uuid) -> sqlx::Result<Vec<SessionRow>> {
+    let rows = sqlx::query(
+        "SELECT dimension, rubric_version, score, result, created_at FROM coaching_sessions
+         WHERE call_id = $1 ORDER BY dimension, created_at DESC",
+    )
+    .bind(call_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SessionRow {
+            dimension: r.get("dimension"),
+            rubric_version: r.get("rubric_version"),
+            score: r.get("score"),
+            result: r.get("result"),
+            created_at: r.get("created_at"),
+        })
+        .collect())
+}
+
+/// A call with its speakers and results, for `GET /v1/calls/{id}`.
+pub async fn call_details(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<serde_json::Value>> {
+    let call: Option<serde_json::Value> = sqlx::query_scalar(
+        "SELECT jsonb_build_object(
+            'id', c.id, 'external_id', c.external_id, 'title', c.title, 'product', c.product,
+            'call_type', c.call_type, 'scheduled_at', c.scheduled_at,
+            'duration_seconds', c.duration_seconds, 'rep_email', c.rep_email, 'rep_role', c.rep_role,
+            'transcript_hash', t.transcript_hash,
+            'speakers', COALESCE((SELECT jsonb_agg(jsonb_build_object('name', s.name, 'email', s.email,
+                 'role', s.role, 'company_side', s.company_side) ORDER BY s.id)
+                 FROM speakers s WHERE s.call_id = c.id), '[]'::jsonb))
+         FROM calls c JOIN transcripts t ON t.call_id = c.id WHERE c.id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(mut call) = call else {
+        return Ok(None);
+    };
+    let sessions = sessions_for_call(pool, id).await?;
+    call["coaching"] = serde_json::to_value(sessions).unwrap_or_default();
+    Ok(Some(call))
+}

@@ -1,0 +1,191 @@
+//! Route handlers: health, readiness, metrics, call ingest and reads, analysis enqueue, job status.
+
+use super::{
+    ApiError, ApiJson, ApiPath, AppState,
+    auth::{Principal, Scope},
+};
+use crate::{
+    db,
+    jobs::AnalyzeCall,
+    model::{CallInput, Dimension},
+    queue,
+};
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::IntoResponse,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::time::Duration;
+use uuid::Uuid;
+
+const WRITERS: &[Scope] = &[Scope::Producer, Scope::Admin];
+
+/// `GET /healthz`: the process is alive.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: Postgres and Redis both answer (503 naming the one that does not).
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let pg = tokio::time::timeout(
+        Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(&state.pg),
+    )
+    .await;
+    let pg = match pg {
+        Ok(Ok(_)) => "ok".to_string(),
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "error: timed out".to_string(),
+    };
+    let mut conn = state.redis.clone();
+    let redis = tokio::time::timeout(
+        Duration::from_millis(500),
+        redis::cmd("PING").query_async::<String>(&mut conn),
+    )
+    .await;
+    let redis = match redis {
+        Ok(Ok(_)) => "ok".to_string(),
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "error: timed out".to_string(),
+    };
+    let ready = pg == "ok" && redis == "ok";
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({ "status": if ready { "ready" } else { "degraded" }, "postgres": pg, "redis": redis });
+    (status, Json(body))
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>, principal: Principal) -> impl IntoResponse {
+    if let Err(e) = principal.require(&[Scope::Ops, Scope::Admin]) {
+        return e.into_response();
+    }
+    state.metrics.render().into_response()
+}
+
+/// `POST /v1/calls`: ingest a call and its transcript.
+pub async fn create_call(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiJson(call): ApiJson<CallInput>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(WRITERS)?;
+    call.validate().map_err(ApiError::bad_request)?;
+    let (id, created) = db::insert_call(&state.pg, &call).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "id": id, "created": created }))))
+}
+
+/// `GET /v1/calls/{id}`: a call with speakers and coaching results.
+pub async fn get_call(
+    State(state): State<AppState>,
+    _principal: Principal,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    db::call_details(&state.pg, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("call {id} does not exist")))
+}
+
+/// Body of `POST /v1/analyses`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisRequest {
+    /// Call to analyse.
+    pub call_id: Uuid,
+    /// Dimensions (all four when omitted or empty).
+    #[serde(default)]
+    pub dimensions: Vec<Dimension>,
+}
+
+/// `POST /v1/analyses`: enqueue an analysis; 202 with the job id and its status URL. Accepted
+/// as long as Postgres is up: the ledger row is durable and the relay delivers it if Redis is
+/// down. An `Idempotency-Key` header returns the first job for repeated requests.
+pub async fn create_analysis(
+    State(state): State<AppState>,
+    principal: Principal,
+    headers: HeaderMap,
+    ApiJson(req): ApiJson<AnalysisRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    principal.require(WRITERS)?;
+    let idempotency = idempotency_key(&headers)?;
+    if !db::call_exists(&state.pg, req.call_id).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "call_not_found",
+            format!("call {} does not exist", req.call_id),
+        ));
+    }
+    let job = AnalyzeCall {
+        call_id: req.call_id,
+        dimensions: req.dimensions,
+    };
+    let dedup = idempotency.map(|k| format!("idem:{}:{k}", principal.key_id));
+    let enqueued = state
+        .queue
+        .enqueue(&job, dedup.as_deref())
+        .await
+        .map_err(|e| match e {
+            queue::QueueError::Ledger(e) => ApiError::from(e),
+            other => ApiError::internal(other),
+        })?;
+    let status_url = format!("{}/v1/jobs/{}", state.settings.public_url, enqueued.job_id);
+    let body = json!({
+        "job_id": enqueued.job_id,
+        "status_url": status_url,
+        "created": enqueued.created,
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 200)
+        .ok_or_else(|| {
+            ApiError::bad_request("Idempotency-Key must be 1-200 visible ASCII characters")
+        })?;
+    Ok(Some(key.to_string()))
+}
+
+/// `GET /v1/jobs/{id}`: the job's ledger row.
+pub async fn get_job(
+    State(state): State<AppState>,
+    _principal: Principal,
+    ApiPath(id): ApiPath<Uuid>,
+) -> Result<Json<queue::JobRow>, ApiError> {
+    queue::job(&state.pg, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("job {id} does not exist")))
+}
+
+/// Fallback for unknown routes.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+/// Fallback for a known route with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

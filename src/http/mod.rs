@@ -1,0 +1,180 @@
+//! The HTTP front (axum): routes, shared state, and the one error type every handler returns,
+//! rendered as `{"error":{"code","message"}}` with a 4xx for every client mistake.
+
+pub mod api;
+pub mod auth;
+
+use crate::{config::Settings, queue::Queue};
+use axum::{
+    Json, Router,
+    extract::{
+        DefaultBodyLimit, FromRequest, FromRequestParts, Request,
+        rejection::{JsonRejection, PathRejection},
+    },
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use metrics_exporter_prometheus::PrometheusHandle;
+use redis::aio::ConnectionManager;
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use std::sync::Arc;
+use tower_http::{compression::CompressionLayer, trace::TraceLayer};
+
+/// Largest request body accepted (2 MiB): enough for a long transcript.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// State shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// Postgres pool.
+    pub pg: PgPool,
+    /// Redis connection (readiness checks).
+    pub redis: ConnectionManager,
+    /// Producer handle.
+    pub queue: Queue,
+    /// Settings.
+    pub settings: Arc<Settings>,
+    /// Prometheus renderer for `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+/// Builds the router with every route and layer.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/metrics", get(api::metrics))
+        .route("/v1/calls", post(api::create_call))
+        .route("/v1/calls/{id}", get(api::get_call))
+        .route("/v1/analyses", post(api::create_analysis))
+        .route("/v1/jobs/{id}", get(api::get_job))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(CompressionLayer::new().gzip(true))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// An error answered to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// Human-readable explanation naming the problem.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Any error with a status and code.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    /// 400 for input that is well-formed JSON but semantically wrong.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    /// 404.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    /// 500: logs the cause, tells the client nothing internal.
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see server logs",
+        )
+    }
+    /// 503 when a dependency is down.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => {
+                tracing::error!(error = %e, "database unavailable");
+                ApiError::unavailable("database unavailable, retry later")
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// `Json<T>` whose rejections are [`ApiError`]s: 400 for malformed JSON, 415 for a wrong
+/// content type, 413 for an oversize body, 422 for JSON of the wrong shape.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection) -> ApiError {
+    let code = match &rejection {
+        JsonRejection::JsonSyntaxError(_) => "invalid_json",
+        JsonRejection::JsonDataError(_) => "invalid_request",
+        JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
+        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        _ => "invalid_body",
+    };
+    ApiError::new(rejection.status(), code, rejection.body_text())
+}
+
+/// `Path<T>` whose rejection is a 400 naming the bad segment.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(ApiPath(value)),
+            Err(rejection) => Err(path_rejection(rejection)),
+        }
+    }
+}
+
+fn path_rejection(rejection: PathRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_path",
+        rejection.body_text(),
+    )
+}

@@ -1,0 +1,324 @@
+//! `analyze_call`: coaching analysis of one call along one or more dimensions.
+//!
+//! Per dimension: build the cache key, try the cache tiers, otherwise ask the LLM; then store
+//! the analysis run, the coaching session (once per call, dimension and rubric version) and the
+//! durable cache row in one short transaction, and refill Redis. No transaction is open while
+//! the LLM is called.
+
+use super::{Job, JobContext, JobError};
+use crate::{
+    cache::{CacheKey, Tier, fingerprint},
+    db::{self, CallForAnalysis},
+    llm::{self, CoachingResult, LlmError, PromptInputs, Usage},
+    model::Dimension,
+    telemetry::names,
+};
+use anyhow::{Context, anyhow};
+use serde::{Deserialize, Serialize};
+use std::{collections::HashMap, time::Instant};
+use uuid::Uuid;
+
+/// Payload of an `analyze_call` job.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyzeCall {
+    /// The call to analyse.
+    pub call_id: Uuid,
+    /// Dimensions to analyse; all four when empty.
+    #[serde(default)]
+    pub dimensions: Vec<Dimension>,
+}
+
+impl AnalyzeCall {
+    /// The dimensions this job covers (all four when none were named), without duplicates.
+    pub fn effective_dimensions(&self) -> Vec<Dimension> {
+        let mut dims = if self.dimensions.is_empty() {
+            Dimension::ALL.to_vec()
+        } else {
+            self.dimensions.clone()
+        };
+        dims.sort();
+        dims.dedup();
+        dims
+    }
+}
+
+/// Where one dimension's result came from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DimensionOutcome {
+    /// Dimension analysed.
+    pub dimension: Dimension,
+    /// Score 0-100.
+    pub score: u8,
+    /// `llm`, `redis` or `postgres`.
+    pub source: String,
+    /// Cache key of the result.
+    pub cache_key: String,
+}
+
+impl Job for AnalyzeCall {
+    const JOB_NAME: &'static str = "analyze_call";
+
+    async fn perform(self, job_id: Uuid, ctx: &JobContext) -> Result<serde_json::Value, JobError> {
+        let call = db::call_for_analysis(&ctx.pg, self.call_id)
+            .await
+            .map_err(|e| JobError::Retry(e.into()))?
+            .ok_or_else(|| JobError::Fail(anyhow!("call {} does not exist", self.call_id)))?;
+        let (kb_text, kb_version) = db::knowledge_base(&ctx.pg)
+            .await
+            .map_err(|e| JobError::Retry(e.into()))?;
+        let mut outcomes = Vec::new();
+        for dimension in self.effective_dimensions() {
+            let input = AnalysisInput {
+                job_id,
+                call: &call,
+                dimension,
+                kb_text: &kb_text,
+                kb_version: &kb_version,
+            };
+            outcomes.push(analyse_dimension(ctx, input).await?);
+        }
+        Ok(serde_json::json!({ "dimensions": outcomes }))
+    }
+}
+
+struct AnalysisInput<'a> {
+    job_id: Uuid,
+    call: &'a CallForAnalysis,
+    dimension: Dimension,
+    kb_text: &'a str,
+    kb_version: &'a str,
+}
+
+async fn analyse_dimension(
+    ctx: &JobContext,
+    input: AnalysisInput<'_>,
+) -> Result<DimensionOutcome, JobError> {
+    let started = Instant::now();
+    let rubric = db::active_rubric(&ctx.pg, input.call.rep_role, input.dimension)
+        .await
+        .with_context(|| {
+            format!(
+                "no active rubric for role {} and dimension {}",
+                input.call.rep_role.as_str(),
+                input.dimension
+            )
+        })
+        .map_err(JobError::Retry)?;
+    let s = &ctx.settings;
+    let key = CacheKey {
+        dimension: input.dimension,
+        transcript_hash: input.call.transcript_hash.clone(),
+        rubric_version: rubric.version.clone(),
+        fingerprint: fingerprint(
+            &s.claude_model,
+            llm::PROMPT_TEMPLATE_VERSION,
+            input.kb_version,
+            s.claude_max_tokens,
+        ),
+    };
+    let cached = ctx.cache.get(&key).await.map_err(JobError::Retry)?;
+    let (result, source, usage) = match cached {
+        Some((result, tier)) => (result, tier.as_str(), Usage::default()),
+        None => {
+            let prompt = PromptInputs {
+                instructions: INSTRUCTIONS,
+                role: input.call.rep_role.as_str(),
+                rubric: &rubric.criteria,
+                knowledge_base: input.kb_text,
+                transcript: &input.call.transcript,
+                dimension: input.dimension.as_str(),
+                dimension_criteria: dimension_criteria(input.dimension),
+            };
+            let (result, usage) = call_llm(ctx, &prompt).await?;
+            (result, "llm", usage)
+        }
+    };
+    let stored = StoredRun {
+        job_id: input.job_id,
+        call: input.call,
+        key: &key,
+        result: &result,
+        source,
+        model: &s.claude_model,
+        usage,
+        duration_ms: started.elapsed().as_millis() as i64,
+    };
+    store(ctx, &stored).await.map_err(JobError::Retry)?;
+    if source != Tier::Redis.as_str() {
+        ctx.cache.redis_put(&key.to_string(), &result).await;
+    }
+    Ok(DimensionOutcome {
+        dimension: input.dimension,
+        score: result.score,
+        source: source.to_string(),
+        cache_key: key.to_string(),
+    })
+}
+
+/// One LLM request; maps its failure onto a job outcome.
+async fn call_llm(
+    ctx: &JobContext,
+    prompt: &PromptInputs<'_>,
+) -> Result<(CoachingResult, Usage), JobError> {
+    let s = &ctx.settings;
+    let body = llm::build_request(&s.claude_model, s.claude_max_tokens, prompt);
+    let response = ctx.llm.messages(&body).await;
+    let outcome = match &response {
+        Ok(_) => "ok",
+        Err(e) if e.is_throttle() => "throttled",
+        Err(_) => "error",
+    };
+    metrics::counter!(names::LLM_REQUESTS, "outcome" => outcome).increment(1);
+    let response = response.map_err(llm_error_outcome)?;
+    let u = response.usage;
+    for (kind, n) in [
+        ("input", u.input_tokens),
+        ("output", u.output_tokens),
+        ("cache_creation", u.cache_creation_input_tokens),
+        ("cache_read", u.cache_read_input_tokens),
+    ] {
+        metrics::counter!(names::LLM_TOKENS, "kind" => kind).increment(n);
+    }
+    let result = llm::parse_coaching(&response.text).map_err(|e| JobError::Fail(e.into()))?;
+    Ok((result, u))
+}
+
+fn llm_error_outcome(e: LlmError) -> JobError {
+    if e.is_throttle() {
+        let after = e.retry_after().unwrap_or(std::time::Duration::from_secs(5));
+        JobError::Snooze {
+            after,
+            reason: e.to_string(),
+        }
+    } else if e.is_retryable() {
+        JobError::Retry(e.into())
+    } else {
+        JobError::Fail(e.into())
+    }
+}
+
+struct StoredRun<'a> {
+    job_id: Uuid,
+    call: &'a CallForAnalysis,
+    key: &'a CacheKey,
+    result: &'a CoachingResult,
+    source: &'a str,
+    model: &'a str,
+    usage: Usage,
+    duration_ms: i64,
+}
+
+/// Writes the run, the session (unless this call already has one for the key's dimension and
+/// rubric version) and the durable cache row, in one transaction.
+async fn store(ctx: &JobContext, run: &StoredRun<'_>) -> anyhow::Result<()> {
+    let key = run.key.to_string();
+    let result_json = serde_json::to_value(run.result)?;
+    let mut tx = ctx.pg.begin().await?;
+    // Serializes concurrent writers of the same (call, dimension, rubric version).
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!(
+            "{}:{}:{}",
+            run.call.id, run.key.dimension, run.key.rubric_version
+        ))
+        .execute(&mut *tx)
+        .await?;
+    let run_id = Uuid::now_v7();
+    let u = run.usage;
+    sqlx::query(
+        "INSERT INTO analysis_runs (id, job_id, call_id, dimension, rubric_version, cache_key, source,
+             model, input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens, duration_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(run_id)
+    .bind(run.job_id)
+    .bind(run.call.id)
+    .bind(run.key.dimension.as_str())
+    .bind(&run.key.rubric_version)
+    .bind(&key)
+    .bind(run.source)
+    .bind(run.model)
+    .bind(u.input_tokens as i64)
+    .bind(u.output_tokens as i64)
+    .bind(u.cache_creation_input_tokens as i64)
+    .bind(u.cache_read_input_tokens as i64)
+    .bind(run.duration_ms)
+    .execute(&mut *tx)
+    .await?;
+    let session_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO coaching_sessions (id, call_id, rep_email, dimension, rubric_version, cache_key,
+             score, result, analysis_run_id)
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+         WHERE NOT EXISTS (SELECT 1 FROM coaching_sessions
+                           WHERE call_id = $2 AND dimension = $4 AND rubric_version = $5)",
+    )
+    .bind(session_id)
+    .bind(run.call.id)
+    .bind(&run.call.rep_email)
+    .bind(run.key.dimension.as_str())
+    .bind(&run.key.rubric_version)
+    .bind(&key)
+    .bind(i32::from(run.result.score))
+    .bind(&result_json)
+    .bind(run_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO coaching_cache (cache_key, dimension, transcript_hash, rubric_version, fingerprint,
+             result, session_id, model)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (cache_key) DO NOTHING",
+    )
+    .bind(&key)
+    .bind(run.key.dimension.as_str())
+    .bind(&run.key.transcript_hash)
+    .bind(&run.key.rubric_version)
+    .bind(&run.key.fingerprint)
+    .bind(&result_json)
+    .bind(session_id)
+    .bind(run.model)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    metrics::counter!(names::ANALYSIS_RUNS, "source" => run.source.to_string()).increment(1);
+    Ok(())
+}
+
+/// General coaching instructions (the first cached prompt block).
+const INSTRUCTIONS: &str = include_str!("../../jobs/prompts/instructions.md");
+
+/// Per-dimension task text from `jobs/prompts/dimensions.json`.
+fn dimension_criteria(dimension: Dimension) -> &'static str {
+    static_criteria()
+        .get(dimension.as_str())
+        .map(String::as_str)
+        .unwrap_or("")
+}
+
+fn static_criteria() -> &'static HashMap<String, String> {
+    static CRITERIA: std::sync::OnceLock<HashMap<String, String>> = std::sync::OnceLock::new();
+    CRITERIA.get_or_init(|| {
+        serde_json::from_str(include_str!("../../jobs/prompts/dimensions.json")).unwrap_or_default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_dimension_has_criteria() {
+        for d in Dimension::ALL {
+            assert!(!dimension_criteria(d).is_empty(), "{d}");
+        }
+    }
+
+    #[test]
+    fn empty_dimensions_mean_all() {
+        let job = AnalyzeCall {
+            call_id: Uuid::nil(),
+            dimensions: vec![],
+        };
+        assert_eq!(job.effective_dimensions(), Dimension::ALL.to_vec());
+    }
+}

@@ -1,0 +1,146 @@
+//! callcoach: queue-driven coaching analysis of sales-call transcripts, made cheap by caching.
+//!
+//! Architecture, from the outside in:
+//! - [`http`]: the axum front. Producers ingest calls and enqueue analyses; ops read job status.
+//! - [`queue`]: the Postgres job ledger (source of truth, an outbox) and apalis-redis delivery.
+//! - [`worker`]: apalis workers under a restarting monitor, running [`jobs`].
+//! - [`jobs`]: job kinds; `analyze_call` goes through the [`cache`] tiers before the [`llm`].
+//! - [`db`]: schema (`sql/migrations`), seed data and queries; [`config`]: typed settings;
+//!   [`telemetry`]: tracing and the metric names.
+//!
+//! [`App::build`] wires it all from [`config::Settings`]; `main` and the tests share it.
+
+pub mod bench;
+pub mod cache;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod http;
+pub mod jobs;
+pub mod llm;
+pub mod model;
+pub mod queue;
+pub mod telemetry;
+pub mod worker;
+
+use anyhow::Context;
+use config::Settings;
+use metrics_exporter_prometheus::PrometheusHandle;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use sqlx::PgPool;
+use std::{sync::Arc, time::Duration};
+use tokio_util::sync::CancellationToken;
+
+/// A wired application: pools, queue, job context. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    /// Settings it was built from.
+    pub settings: Arc<Settings>,
+    /// Postgres pool (lazy: the app starts while Postgres is down).
+    pub pg: PgPool,
+    /// Multiplexed, auto-reconnecting Redis connection (lazy as well).
+    pub redis: ConnectionManager,
+    /// Producer handle.
+    pub queue: queue::Queue,
+    /// What jobs run with.
+    pub jobs: jobs::JobContext,
+    /// Prometheus renderer.
+    pub metrics: PrometheusHandle,
+}
+
+/// Opens a lazy Redis connection: short connect timeout, bounded response time, and at most
+/// `max_connections` commands in flight (callers beyond that wait, within the response timeout).
+pub fn redis_connection(url: &str, max_connections: usize) -> anyhow::Result<ConnectionManager> {
+    let client = redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_secs(3)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(200))
+        .set_concurrency_limit(max_connections);
+    ConnectionManager::new_lazy_with_config(client, config).context("creating Redis connection")
+}
+
+impl App {
+    /// Wires the application. Does not migrate and does not need Redis or Postgres to be up.
+    pub fn build(settings: Settings) -> anyhow::Result<App> {
+        let settings = Arc::new(settings);
+        let pg = db::pool(
+            settings.database_url.expose(),
+            settings.database_max_connections,
+        )?;
+        let redis = redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?;
+        let queue = queue::Queue::new(pg.clone(), redis.clone(), settings.job_max_attempts);
+        let llm = llm::LlmClient::new(
+            &settings.anthropic_base_url,
+            settings.anthropic_api_key.expose(),
+            settings.llm_timeout,
+        )
+        .context("building the LLM client")?;
+        let cache = cache::CoachingCache::new(
+            redis.clone(),
+            pg.clone(),
+            settings.cache_ttl(),
+            settings.enable_caching,
+        );
+        let jobs = jobs::JobContext {
+            pg: pg.clone(),
+            cache,
+            llm,
+            queue: queue.clone(),
+            settings: settings.clone(),
+        };
+        Ok(App {
+            settings,
+            pg,
+            redis,
+            queue,
+            jobs,
+            metrics: telemetry::install_metrics(),
+        })
+    }
+
+    /// The HTTP router over this app.
+    pub fn router(&self) -> axum::Router {
+        http::router(http::AppState {
+            pg: self.pg.clone(),
+            redis: self.redis.clone(),
+            queue: self.queue.clone(),
+            settings: self.settings.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Serves HTTP on `listener` until `shutdown` is cancelled.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .context("HTTP server failed")
+    }
+
+    /// Runs the workers and the outbox relay until `shutdown` is cancelled.
+    pub async fn run_worker(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let relay = tokio::spawn(self.queue.clone().run_relay(
+            self.settings.relay_interval,
+            shutdown.clone().cancelled_owned(),
+        ));
+        let options = worker::WorkerOptions {
+            concurrency: self.settings.worker_concurrency,
+            poll: self.settings.worker_poll,
+        };
+        let result = worker::run(
+            self.jobs.clone(),
+            self.redis.clone(),
+            options,
+            shutdown.cancelled_owned(),
+        )
+        .await;
+        let _ = relay.await;
+        result
+    }
+}

@@ -1,0 +1,17 @@
+//! LLM access: the Anthropic Messages API client, prompt assembly and the local emulator.
+//!
+//! - [`client`]: [`LlmClient`], one HTTP request per call, errors classified
+//!   for the job system's retry policy ([`LlmError`]).
+//! - [`prompt`]: [`build_request`] lays a dimension analysis out for prompt
+//!   caching; [`parse_coaching`] validates the model's JSON answer.
+//! - [`emulator`]: an Anthropic-compatible local server for dev, demos and
+//!   tests.
+
+pub mod client;
+pub mod emulator;
+pub mod prompt;
+
+pub use client::{LlmClient, LlmError, LlmResponse, Usage};
+pub use prompt::{
+    CoachingResult, PROMPT_TEMPLATE_VERSION, PromptInputs, build_request, parse_coaching,
+};

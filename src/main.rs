@@ -1,0 +1,209 @@
+//! The `callcoach` binary: a thin clap layer mapping subcommands to roles of [`callcoach::App`].
+
+use anyhow::Context;
+use callcoach::{App, config::Settings, db, http::auth, jobs::AnalyzeCall, llm, model::Dimension};
+use clap::{Parser, Subcommand};
+use std::{process::ExitCode, time::Duration};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "callcoach",
+    version,
+    about = "Coaching analysis of sales calls, queued and cached"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// HTTP front: ingest, enqueue, status, /metrics, /healthz, /readyz.
+    Web,
+    /// Consume every job queue (and run the outbox relay).
+    Worker,
+    /// Web and worker in one process.
+    All,
+    /// Apply database migrations and load seed rubrics and knowledge base.
+    Migrate,
+    /// Run the whole pipeline on the sample calls against the local LLM emulator.
+    Demo(callcoach::demo::DemoArgs),
+    /// Producer tools.
+    #[command(subcommand)]
+    Enqueue(EnqueueCommand),
+    /// Job ledger tools.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// API key management.
+    #[command(subcommand)]
+    Apikey(ApikeyCommand),
+    /// Local Anthropic Messages API emulator.
+    LlmEmulator(EmulatorArgs),
+    /// Benchmarks that print JSON with a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(callcoach::bench::BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum EnqueueCommand {
+    /// Enqueue the analysis of one call.
+    Analysis {
+        /// Call id.
+        #[arg(long)]
+        call_id: Uuid,
+        /// Dimension to analyse (repeatable; all four when omitted).
+        #[arg(long = "dimension")]
+        dimensions: Vec<Dimension>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Print one job's ledger row as JSON.
+    Show {
+        /// Job id.
+        id: Uuid,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApikeyCommand {
+    /// Create a key; it is printed once and only its hash is stored.
+    Create {
+        /// Who the key is for.
+        #[arg(long)]
+        name: String,
+        /// producer, ops or admin.
+        #[arg(long)]
+        scope: auth::Scope,
+    },
+}
+
+#[derive(clap::Args)]
+struct EmulatorArgs {
+    /// Port to listen on (127.0.0.1).
+    #[arg(long, default_value_t = 4010)]
+    port: u16,
+    /// Delay before each answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Fraction of requests answered with 429/529/500 (0.0-1.0).
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    callcoach::telemetry::init_tracing();
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels the token on Ctrl-C or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        tracing::info!("shutdown requested");
+        trigger.cancel();
+    });
+    token
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::LlmEmulator(args) => return run_emulator(args).await,
+        Command::Bench(cmd) => return callcoach::bench::run(cmd).await,
+        Command::Demo(args) => return callcoach::demo::run(args).await,
+        _ => {}
+    }
+    let settings = Settings::from_env()?;
+    let app = App::build(settings)?;
+    match cli.command {
+        Command::Web => {
+            let listener = bind(&app.settings.bind_addr).await?;
+            app.serve(listener, shutdown_on_signal()).await
+        }
+        Command::Worker => app.run_worker(shutdown_on_signal()).await,
+        Command::All => {
+            let token = shutdown_on_signal();
+            let listener = bind(&app.settings.bind_addr).await?;
+            let (web, worker) =
+                tokio::join!(app.serve(listener, token.clone()), app.run_worker(token));
+            web.and(worker)
+        }
+        Command::Migrate => {
+            db::migrate(&app.pg).await?;
+            println!("migrations applied, seed data loaded");
+            Ok(())
+        }
+        Command::Enqueue(EnqueueCommand::Analysis {
+            call_id,
+            dimensions,
+        }) => {
+            if !db::call_exists(&app.pg, call_id).await? {
+                anyhow::bail!("call {call_id} does not exist");
+            }
+            let enqueued = app
+                .queue
+                .enqueue(
+                    &AnalyzeCall {
+                        call_id,
+                        dimensions,
+                    },
+                    None,
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&enqueued)?);
+            Ok(())
+        }
+        Command::Jobs(JobsCommand::Show { id }) => {
+            let job = callcoach::queue::job(&app.pg, id)
+                .await?
+                .with_context(|| format!("job {id} does not exist"))?;
+            println!("{}", serde_json::to_string_pretty(&job)?);
+            Ok(())
+        }
+        Command::Apikey(ApikeyCommand::Create { name, scope }) => {
+            let key = auth::create_key(&app.pg, &name, scope).await?;
+            println!("{}", serde_json::to_string_pretty(&key)?);
+            eprintln!("store this key now: it is not shown again");
+            Ok(())
+        }
+        Command::LlmEmulator(_) | Command::Bench(_) | Command::Demo(_) => unreachable!(),
+    }
+}
+
+async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding BIND_ADDR {addr}"))?;
+    tracing::info!(%addr, "listening");
+    Ok(listener)
+}
+
+async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
+    let config = llm::emulator::EmulatorConfig {
+        latency: Duration::from_millis(args.latency_ms),
+        fail_rate: args.fail_rate,
+        ..Default::default()
+    };
+    config.validate()?;
+    let listener = bind(&format!("127.0.0.1:{}", args.port)).await?;
+    let handle = llm::emulator::spawn(listener, config).await?;
+    println!("LLM emulator listening on {}", handle.base_url());
+    shutdown_on_signal().cancelled().await;
+    handle.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,321 @@
+//! The job queue: a Postgres ledger (`jobs`) that is the source of truth, and apalis-redis
+//! queues that only deliver.
+//!
+//! Enqueue inserts the ledger row first (deduplicated by `dedup_key`), then pushes an
+//! [`Envelope`] to the job kind's Redis queue and marks the row delivered. If the push fails
+//! (Redis down) or the process dies in between, the row stays undelivered and the outbox
+//! [`relay_once`] pushes it later, so accepting a job never depends on Redis.
+//!
+//! Retries and snoozes are new deliveries of the same ledger row (`delivery` + 1, delayed with
+//! `run_after`); apalis never retries by itself, which sidesteps its hard-coded 25-attempt loop.
+
+use crate::jobs::{self, Job};
+use apalis::prelude::{TaskBuilder, TaskId, TaskSink};
+use apalis_redis::{Config as RedisQueueConfig, RedisStorage};
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// What travels through Redis: the ledger id and the job's arguments.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope<J> {
+    /// The ledger row this delivery belongs to.
+    pub job_id: Uuid,
+    /// Delivery number (0 = first push, n = n-th retry or snooze).
+    pub delivery: i32,
+    /// The job's arguments.
+    pub args: J,
+}
+
+/// Redis queue name of a job kind.
+pub fn queue_name(kind: &str) -> String {
+    format!("callcoach:{kind}")
+}
+
+/// apalis-redis settings used for every queue: an explicit queue name, a short heartbeat so a
+/// killed worker's jobs are re-delivered within 15 s, and results kept so `done` is accurate.
+pub fn queue_config(kind: &str) -> RedisQueueConfig {
+    RedisQueueConfig::default()
+        .queue(queue_name(kind))
+        .heartbeat_interval(Duration::from_secs(5))
+        .missed_heartbeats(3)
+        .batch_size(50)
+}
+
+/// A typed apalis storage for one job kind.
+pub fn storage<J: Job>(conn: ConnectionManager) -> RedisStorage<Envelope<J>> {
+    RedisStorage::new(conn).with_config(queue_config(J::JOB_NAME))
+}
+
+/// apalis task id of a delivery: the ledger id, suffixed for redeliveries.
+pub fn task_id(job_id: Uuid, delivery: i32) -> String {
+    if delivery == 0 {
+        job_id.to_string()
+    } else {
+        format!("{job_id}.{delivery}")
+    }
+}
+
+/// Errors of the producer side.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The ledger could not be written; nothing was accepted.
+    #[error("job ledger unavailable: {0}")]
+    Ledger(#[from] sqlx::Error),
+    /// The payload could not be serialized.
+    #[error("invalid job payload: {0}")]
+    Payload(#[from] serde_json::Error),
+}
+
+/// Result of an enqueue.
+#[derive(Clone, Debug, Serialize)]
+pub struct Enqueued {
+    /// Ledger id of the job.
+    pub job_id: Uuid,
+    /// False when `dedup_key` matched an existing job, which is returned instead.
+    pub created: bool,
+    /// Whether the job already reached Redis (false: the relay will deliver it).
+    pub delivered: bool,
+}
+
+/// Producer handle: writes the ledger and pushes deliveries.
+#[derive(Clone)]
+pub struct Queue {
+    pg: PgPool,
+    redis: ConnectionManager,
+    max_attempts: i32,
+}
+
+impl Queue {
+    /// Builds a queue over the ledger database and the Redis connection.
+    pub fn new(pg: PgPool, redis: ConnectionManager, max_attempts: i32) -> Self {
+        Self {
+            pg,
+            redis,
+            max_attempts,
+        }
+    }
+
+    /// Records a job in the ledger and tries to deliver it at once.
+    pub async fn enqueue<J: Job>(
+        &self,
+        args: &J,
+        dedup_key: Option<&str>,
+    ) -> Result<Enqueued, QueueError> {
+        let id = Uuid::now_v7();
+        let payload = serde_json::to_value(args)?;
+        let inserted: Option<Uuid> = sqlx::query_scalar(
+            "INSERT INTO jobs (id, kind, payload, max_attempts, dedup_key) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (dedup_key) DO NOTHING RETURNING id",
+        )
+        .bind(id)
+        .bind(J::JOB_NAME)
+        .bind(&payload)
+        .bind(self.max_attempts)
+        .bind(dedup_key)
+        .fetch_optional(&self.pg)
+        .await?;
+        if inserted.is_none() {
+            let existing: Uuid = sqlx::query_scalar("SELECT id FROM jobs WHERE dedup_key = $1")
+                .bind(dedup_key)
+                .fetch_one(&self.pg)
+                .await?;
+            return Ok(Enqueued {
+                job_id: existing,
+                created: false,
+                delivered: true,
+            });
+        }
+        metrics::counter!(crate::telemetry::names::JOBS_ENQUEUED, "kind" => J::JOB_NAME)
+            .increment(1);
+        let delivered = self.deliver(id, 0, args.clone(), Duration::ZERO).await;
+        Ok(Enqueued {
+            job_id: id,
+            created: true,
+            delivered,
+        })
+    }
+
+    /// Pushes one delivery to Redis and marks the ledger row delivered. Returns false (and leaves
+    /// the row for the relay) if Redis is unreachable.
+    pub async fn deliver<J: Job>(
+        &self,
+        job_id: Uuid,
+        delivery: i32,
+        args: J,
+        delay: Duration,
+    ) -> bool {
+        let mut store = storage::<J>(self.redis.clone());
+        let envelope = Envelope {
+            job_id,
+            delivery,
+            args,
+        };
+        let mut task =
+            TaskBuilder::new(envelope).task_id(TaskId::from_string(task_id(job_id, delivery)));
+        if !delay.is_zero() {
+            task = task.run_after(delay);
+        }
+        let pushed =
+            tokio::time::timeout(Duration::from_secs(2), store.push_task(task.build())).await;
+        match pushed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%job_id, error = %e, "push to redis failed; the relay will deliver");
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!(%job_id, "push to redis timed out; the relay will deliver");
+                return false;
+            }
+        }
+        let marked = sqlx::query(
+            "UPDATE jobs SET delivered_at = now() WHERE id = $1 AND delivery = $2 AND delivered_at IS NULL",
+        )
+        .bind(job_id)
+        .bind(delivery)
+        .execute(&self.pg)
+        .await;
+        if let Err(e) = marked {
+            // Harmless: the relay will push again and apalis drops the duplicate task id.
+            tracing::warn!(%job_id, error = %e, "could not mark job delivered");
+        }
+        true
+    }
+
+    /// One pass of the outbox relay: pushes ledger rows that are due but were never delivered
+    /// (Redis was down, or the producer died between insert and push). Returns how many it pushed.
+    pub async fn relay_once(&self) -> anyhow::Result<usize> {
+        let rows = sqlx::query(
+            "SELECT id, kind, payload, delivery, run_at FROM jobs
+             WHERE delivered_at IS NULL AND status IN ('queued', 'snoozed')
+               AND updated_at < now() - interval '2 seconds'
+             ORDER BY enqueued_at LIMIT 500",
+        )
+        .fetch_all(&self.pg)
+        .await?;
+        let mut pushed = 0;
+        for row in rows {
+            let id: Uuid = row.get("id");
+            let kind: String = row.get("kind");
+            let run_at: DateTime<Utc> = row.get("run_at");
+            let delay = (run_at - Utc::now()).to_std().unwrap_or_default();
+            let ok = jobs::deliver_raw(
+                self,
+                &kind,
+                id,
+                row.get("delivery"),
+                row.get("payload"),
+                delay,
+            )
+            .await;
+            match ok {
+                Ok(true) => pushed += 1,
+                Ok(false) => break, // Redis still down: try the rest next pass.
+                Err(e) => {
+                    tracing::error!(%id, %kind, error = %e, "undeliverable ledger row; failing it");
+                    self.fail_undeliverable(id, &e.to_string()).await?;
+                }
+            }
+        }
+        if pushed > 0 {
+            metrics::counter!(crate::telemetry::names::RELAY_PUSHED).increment(pushed as u64);
+            tracing::info!(pushed, "relay delivered pending jobs");
+        }
+        Ok(pushed)
+    }
+
+    async fn fail_undeliverable(&self, id: Uuid, error: &str) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET status = 'failed', last_error = $2, finished_at = now(), updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind(error)
+        .execute(&self.pg)
+        .await
+        .map(|_| ())
+    }
+
+    /// Runs the relay until `shutdown` resolves.
+    pub async fn run_relay(self, every: Duration, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick.tick() => {
+                    if let Err(e) = self.relay_once().await {
+                        tracing::warn!(error = %e, "relay pass failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The Postgres pool behind the ledger.
+    pub fn pg(&self) -> &PgPool {
+        &self.pg
+    }
+
+    /// The Redis connection used for deliveries.
+    pub fn redis(&self) -> &ConnectionManager {
+        &self.redis
+    }
+}
+
+/// A ledger row as shown by `GET /v1/jobs/{id}` and `callcoach jobs show`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobRow {
+    /// Ledger id.
+    pub id: Uuid,
+    /// Job kind (`analyze_call`, …).
+    pub kind: String,
+    /// queued / running / succeeded / failed / cancelled / snoozed.
+    pub status: String,
+    /// Arguments.
+    pub payload: serde_json::Value,
+    /// Attempts consumed so far.
+    pub attempts: i32,
+    /// Attempt budget.
+    pub max_attempts: i32,
+    /// Last error message, if any.
+    pub last_error: Option<String>,
+    /// Job output, once succeeded.
+    pub result: Option<serde_json::Value>,
+    /// When the job was accepted.
+    pub enqueued_at: DateTime<Utc>,
+    /// When it last reached Redis (None: waiting for the relay).
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// When the last attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Reads one ledger row.
+pub async fn job(pg: &PgPool, id: Uuid) -> sqlx::Result<Option<JobRow>> {
+    let row = sqlx::query(
+        "SELECT id, kind, status, payload, attempts, max_attempts, last_error, result, enqueued_at,
+                delivered_at, started_at, finished_at FROM jobs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pg)
+    .await?;
+    Ok(row.map(|r| JobRow {
+        id: r.get("id"),
+        kind: r.get("kind"),
+        status: r.get("status"),
+        payload: r.get("payload"),
+        attempts: r.get("attempts"),
+        max_attempts: r.get("max_attempts"),
+        last_error: r.get("last_error"),
+        result: r.get("result"),
+        enqueued_at: r.get("enqueued_at"),
+        delivered_at: r.get("delivered_at"),
+        started_at: r.get("started_at"),
+        finished_at: r.get("finished_at"),
+    }))
+}

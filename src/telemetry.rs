@@ -1,0 +1,59 @@
+//! Logging and metrics. `init_tracing` sets up the `tracing` subscriber (RUST_LOG, optional JSON
+//! via LOG_FORMAT=json); `install_metrics` installs the Prometheus recorder served at `/metrics`.
+//! Every metric name is declared once, in [`names`].
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+/// All metric names, in one place.
+pub mod names {
+    /// Cache hits, labelled `tier` (redis/postgres) and `dimension`.
+    pub const CACHE_HITS: &str = "callcoach_cache_hits_total";
+    /// Cache misses, labelled `tier` and `dimension`.
+    pub const CACHE_MISSES: &str = "callcoach_cache_misses_total";
+    /// Cache tier errors (Redis unreachable, …), labelled `tier`.
+    pub const CACHE_ERRORS: &str = "callcoach_cache_errors_total";
+    /// Corrupt Redis entries found and deleted.
+    pub const CACHE_CORRUPT: &str = "callcoach_cache_corrupt_total";
+    /// Jobs enqueued, labelled `kind`.
+    pub const JOBS_ENQUEUED: &str = "callcoach_jobs_enqueued_total";
+    /// Jobs finished, labelled `kind` and `outcome` (succeeded/retry/snoozed/failed/skipped).
+    pub const JOBS_FINISHED: &str = "callcoach_jobs_finished_total";
+    /// Job run time in seconds, labelled `kind`.
+    pub const JOB_DURATION: &str = "callcoach_job_duration_seconds";
+    /// Jobs pushed to Redis by the outbox relay.
+    pub const RELAY_PUSHED: &str = "callcoach_relay_pushed_total";
+    /// LLM requests, labelled `outcome`.
+    pub const LLM_REQUESTS: &str = "callcoach_llm_requests_total";
+    /// LLM tokens, labelled `kind` (input/output/cache_creation/cache_read).
+    pub const LLM_TOKENS: &str = "callcoach_llm_tokens_total";
+    /// Analysis runs stored (the spec's `analysis_runs_total`), labelled `source`.
+    pub const ANALYSIS_RUNS: &str = "analysis_runs_total";
+    /// HTTP requests, labelled `status`.
+    pub const HTTP_REQUESTS: &str = "callcoach_http_requests_total";
+}
+
+/// Installs the global tracing subscriber once; later calls are no-ops.
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = if json {
+        registry
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .try_init()
+    } else {
+        registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init()
+    };
+}
+
+/// Installs the Prometheus recorder. If one is already installed in this process (several
+/// apps in one test process), returns a handle to a private recorder instead.
+pub fn install_metrics() -> PrometheusHandle {
+    match PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => handle,
+        Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+    }
+}

@@ -1,0 +1,308 @@
+//! Test helpers: a private Redis server per test, a fresh Postgres database per test, the LLM
+//! emulator in-process, and `spawn_app` wiring them into a running web front (and, on request,
+//! a worker).
+
+use callcoach::{
+    App,
+    config::Settings,
+    db,
+    http::auth::{self, Scope},
+    llm::emulator::{self, EmulatorConfig, EmulatorHandle},
+};
+use serde_json::Value;
+use std::{
+    collections::HashMap,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A redis-server process owned by one test, on its own port.
+pub struct TestRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl TestRedis {
+    pub async fn start() -> TestRedis {
+        let mut redis = TestRedis {
+            port: free_port(),
+            child: None,
+        };
+        redis.restart().await;
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server (again) on the same port and waits until it answers.
+    pub async fn restart(&mut self) {
+        let bin = std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (deploy/dev.sh test installs it)");
+        self.child = Some(child);
+        let client = redis::Client::open(self.url()).unwrap();
+        for _ in 0..200 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    /// Kills the server (its data is gone, like a crash without persistence).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Creates an empty database and returns its URL.
+pub async fn fresh_database() -> String {
+    let admin = std::env::var("CALLCOACH_TEST_ADMIN_URL")
+        .expect("CALLCOACH_TEST_ADMIN_URL must be set: run the tests with deploy/dev.sh test");
+    let name = format!("cc_test_{}", Uuid::new_v4().simple());
+    let pool = sqlx::PgPool::connect(&admin)
+        .await
+        .expect("admin connection");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&pool)
+        .await
+        .expect("create database");
+    pool.close().await;
+    let base = admin.rsplit_once('/').expect("admin URL has a database").0;
+    format!("{base}/{name}")
+}
+
+/// A running application for one test.
+pub struct TestApp {
+    pub app: App,
+    pub base: String,
+    pub http: reqwest::Client,
+    /// Producer key.
+    pub key: String,
+    pub redis: TestRedis,
+    pub emulator: EmulatorHandle,
+    shutdown: CancellationToken,
+    worker: Option<(
+        CancellationToken,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
+}
+
+/// Options of [`spawn_app_with`].
+#[derive(Default)]
+pub struct Options {
+    pub env: Vec<(&'static str, String)>,
+    pub emulator: EmulatorConfig,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    callcoach::telemetry::init_tracing();
+    let redis = TestRedis::start().await;
+    let database_url = fresh_database().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emulator = emulator::spawn(listener, options.emulator).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut env: HashMap<String, String> = [
+        ("DATABASE_URL", database_url),
+        ("REDIS_URL", redis.url()),
+        ("ANTHROPIC_BASE_URL", emulator.base_url().to_string()),
+        ("PUBLIC_URL", base.clone()),
+        ("WORKER_POLL_MS", "20".into()),
+        ("RELAY_INTERVAL_MS", "200".into()),
+        ("DATABASE_MAX_CONNECTIONS", "10".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    env.extend(options.env.into_iter().map(|(k, v)| (k.to_string(), v)));
+    let app = App::build(Settings::from_map(&env).unwrap()).unwrap();
+    db::migrate(&app.pg).await.unwrap();
+    let key = auth::create_key(&app.pg, "test-producer", Scope::Producer)
+        .await
+        .unwrap()
+        .key;
+    auth::create_key(&app.pg, "test-admin", Scope::Admin)
+        .await
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let server = app.clone();
+    let token = shutdown.clone();
+    tokio::spawn(async move { server.serve(listener, token).await });
+    TestApp {
+        app,
+        base,
+        http: reqwest::Client::new(),
+        key,
+        redis,
+        emulator,
+        shutdown,
+        worker: None,
+    }
+}
+
+impl TestApp {
+    /// Starts a worker (and the outbox relay) in this process.
+    pub fn start_worker(&mut self) {
+        let token = self.shutdown.child_token();
+        let app = self.app.clone();
+        let run = token.clone();
+        let handle = tokio::spawn(async move { app.run_worker(run).await });
+        self.worker = Some((token, handle));
+    }
+
+    /// Stops the worker gracefully and waits for it.
+    pub async fn stop_worker(&mut self) {
+        if let Some((token, handle)) = self.worker.take() {
+            token.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(35), handle).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POST JSON with the producer key; returns status and JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET with the producer key; returns status and JSON body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Ingests a sample call and returns its id.
+    pub async fn ingest(&self, call: &Value) -> Uuid {
+        let (status, body) = self.post("/v1/calls", call).await;
+        assert!(status == 201 || status == 200, "ingest: {status} {body}");
+        body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Enqueues an analysis over HTTP and returns the job id.
+    pub async fn enqueue(&self, call_id: Uuid, dimensions: &[&str]) -> Uuid {
+        let (status, body) = self
+            .post(
+                "/v1/analyses",
+                &serde_json::json!({ "call_id": call_id, "dimensions": dimensions }),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        body["job_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Polls the job until it reaches a terminal status (or panics after `secs`).
+    pub async fn wait_for_job(&self, job_id: Uuid, secs: u64) -> Value {
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (status, job) = self.get(&format!("/v1/jobs/{job_id}")).await;
+            assert_eq!(status, 200, "{job}");
+            if matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "job still {job} after {secs}s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Number of coaching sessions stored for a call and dimension.
+    pub async fn session_count(&self, call_id: Uuid, dimension: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM coaching_sessions WHERE call_id = $1 AND dimension = $2",
+        )
+        .bind(call_id)
+        .bind(dimension)
+        .fetch_one(&self.app.pg)
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A small valid call; `tag` makes its transcript (and so its cache key) unique.
+pub fn sample_call(tag: &str) -> Value {
+    serde_json::json!({
+        "title": format!("Discovery call {tag}"),
+        "product": "Lumen Analytics",
+        "call_type": "discovery",
+        "scheduled_at": "2026-11-02T15:00:00Z",
+        "duration_seconds": 1200,
+        "speakers": [
+            {"name": "Ana Rep", "email": "ana@lumen.example", "role": "ae", "company_side": "internal"},
+            {"name": "Cal Buyer", "email": "cal@customer.example", "company_side": "external"}
+        ],
+        "rep_email": "ana@lumen.example",
+        "rep_role": "ae",
+        "transcript": [
+            {"speaker": "Ana Rep", "start_seconds": 0, "text": format!("Thanks for joining, {tag}. What prompted you to look at analytics tools now?")},
+            {"speaker": "Cal Buyer", "start_seconds": 8, "text": "Our dashboards take hours to refresh and the board wants daily numbers."},
+            {"speaker": "Ana Rep", "start_seconds": 20, "text": "How are you refreshing them today, and who owns that pipeline?"},
+            {"speaker": "Cal Buyer", "start_seconds": 31, "text": "One analyst with cron jobs. Honestly your price looked high compared to Brightline."},
+            {"speaker": "Ana Rep", "start_seconds": 45, "text": "Fair point. Teams like yours usually recover the cost in analyst time within a quarter. Shall we book a technical session next Tuesday?"}
+        ]
+    })
+}

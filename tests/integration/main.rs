@@ -1,0 +1,6 @@
+//! The integration suite: one test binary against real Redis and Postgres (started by
+//! `deploy/dev.sh test`) and the in-process LLM emulator.
+
+mod api;
+mod helpers;
+mod pipeline;
