@@ -23,6 +23,7 @@ REDIS_DIR="$DEV_DIR/redis"
 REDIS_CONF="$REDIS_DIR/redis.conf"
 REDIS_PID="$REDIS_DIR/redis.pid"
 REDIS_LOG="$REDIS_DIR/redis.log"
+APT_LOG="$DEV_DIR/apt.log"
 PG_PORT="${CALLCOACH_DEV_PG_PORT:-55432}"
 REDIS_PORT="${CALLCOACH_DEV_REDIS_PORT:-56379}"
 PG_OS_USER=callcoach
@@ -65,8 +66,12 @@ apt_update_once() {
   command -v apt-get >/dev/null 2>&1 || die "apt-get not found; please install: $*"
   need_privileges "$@"
   if ((APT_UPDATED == 0)); then
-    log "apt-get update"
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+    mkdir -p "$DEV_DIR"
+    log "apt-get update (output in .dev/apt.log)"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q >>"$APT_LOG" 2>&1 || {
+      tail -n 20 "$APT_LOG" >&2
+      die "apt-get update failed (full log: $APT_LOG)"
+    }
     APT_UPDATED=1
   fi
 }
@@ -74,8 +79,10 @@ apt_update_once() {
 apt_install() {
   apt_update_once "$@"
   log "apt-get install $*"
-  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 ||
-    die "apt-get install $* failed"
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >>"$APT_LOG" 2>&1 || {
+    tail -n 20 "$APT_LOG" >&2
+    die "apt-get install $* failed (full log: $APT_LOG)"
+  }
 }
 
 apt_has() { apt-cache show "$1" >/dev/null 2>&1; }

@@ -77,11 +77,16 @@ impl App {
             settings.llm_timeout,
         )
         .context("building the LLM client")?;
+        // The cache gets its own connection so queue traffic never takes its slots.
         let cache = cache::CoachingCache::new(
-            redis.clone(),
+            redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?,
+            settings.redis_cache_timeout,
             pg.clone(),
-            settings.cache_ttl(),
-            settings.enable_caching,
+            cache::CacheOptions {
+                ttl: settings.cache_ttl(),
+                enabled: settings.enable_caching,
+                lease_ttl: settings.cache_lease,
+            },
         );
         let jobs = jobs::JobContext {
             pg: pg.clone(),

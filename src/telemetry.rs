@@ -15,6 +15,12 @@ pub mod names {
     pub const CACHE_ERRORS: &str = "callcoach_cache_errors_total";
     /// Corrupt Redis entries found and deleted.
     pub const CACHE_CORRUPT: &str = "callcoach_cache_corrupt_total";
+    /// Single-flight waits: analyses that reused another caller's computation, by `dimension`.
+    pub const CACHE_SINGLEFLIGHT_WAITS: &str = "callcoach_cache_singleflight_waits_total";
+    /// Times the Redis circuit breaker opened.
+    pub const CACHE_BREAKER_OPENED: &str = "callcoach_cache_breaker_opened_total";
+    /// 1 while the Redis circuit breaker is open.
+    pub const CACHE_BREAKER_OPEN: &str = "callcoach_cache_breaker_open";
     /// Jobs enqueued, labelled `kind`.
     pub const JOBS_ENQUEUED: &str = "callcoach_jobs_enqueued_total";
     /// Jobs finished, labelled `kind` and `outcome` (succeeded/retry/snoozed/failed/skipped).

@@ -7,7 +7,7 @@
 
 use super::{Job, JobContext, JobError};
 use crate::{
-    cache::{CacheKey, Tier, fingerprint},
+    cache::{CacheKey, Outcome, fingerprint},
     db::{self, CallForAnalysis},
     llm::{self, CoachingResult, LlmError, PromptInputs, Usage},
     model::Dimension,
@@ -15,7 +15,10 @@ use crate::{
 };
 use anyhow::{Context, anyhow};
 use serde::{Deserialize, Serialize};
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
 use uuid::Uuid;
 
 /// Payload of an `analyze_call` job.
@@ -109,6 +112,7 @@ async fn analyse_dimension(
     let key = CacheKey {
         dimension: input.dimension,
         transcript_hash: input.call.transcript_hash.clone(),
+        role: input.call.rep_role,
         rubric_version: rubric.version.clone(),
         fingerprint: fingerprint(
             &s.claude_model,
@@ -117,37 +121,50 @@ async fn analyse_dimension(
             s.claude_max_tokens,
         ),
     };
-    let cached = ctx.cache.get(&key).await.map_err(JobError::Retry)?;
-    let (result, source, usage) = match cached {
-        Some((result, tier)) => (result, tier.as_str(), Usage::default()),
-        None => {
-            let prompt = PromptInputs {
-                instructions: INSTRUCTIONS,
-                role: input.call.rep_role.as_str(),
-                rubric: &rubric.criteria,
-                knowledge_base: input.kb_text,
-                transcript: &input.call.transcript,
-                dimension: input.dimension.as_str(),
-                dimension_criteria: dimension_criteria(input.dimension),
-            };
-            let (result, usage) = call_llm(ctx, &prompt).await?;
-            (result, "llm", usage)
-        }
+    let prompt = PromptInputs {
+        instructions: INSTRUCTIONS,
+        role: input.call.rep_role.as_str(),
+        rubric: &rubric.criteria,
+        knowledge_base: input.kb_text,
+        transcript: &input.call.transcript,
+        dimension: input.dimension.as_str(),
+        dimension_criteria: dimension_criteria(input.dimension),
     };
-    let stored = StoredRun {
+    let mut run = StoredRun {
         job_id: input.job_id,
         call: input.call,
         key: &key,
-        result: &result,
-        source,
+        source: "llm",
         model: &s.claude_model,
-        usage,
-        duration_ms: started.elapsed().as_millis() as i64,
+        usage: Usage::default(),
+        started,
+        waited: Duration::ZERO,
     };
-    store(ctx, &stored).await.map_err(JobError::Retry)?;
-    if source != Tier::Redis.as_str() {
-        ctx.cache.redis_put(&key.to_string(), &result).await;
-    }
+    let outcome = ctx
+        .cache
+        .get_or_compute(&key, || async {
+            let (result, usage) = call_llm(ctx, &prompt).await?;
+            let run = StoredRun {
+                usage,
+                ..run.clone()
+            };
+            store(ctx, &run, &result).await.map_err(JobError::Retry)?;
+            Ok::<_, JobError>((result, ()))
+        })
+        .await?;
+    let (result, source) = match outcome {
+        Outcome::Computed { result, .. } => (result, "llm"),
+        Outcome::Hit {
+            result,
+            tier,
+            waited,
+        } => {
+            run.source = tier.as_str();
+            run.waited = waited;
+            store(ctx, &run, &result).await.map_err(JobError::Retry)?;
+            (result, tier.as_str())
+        }
+    };
     Ok(DimensionOutcome {
         dimension: input.dimension,
         score: result.score,
@@ -198,22 +215,27 @@ fn llm_error_outcome(e: LlmError) -> JobError {
     }
 }
 
+#[derive(Clone)]
 struct StoredRun<'a> {
     job_id: Uuid,
     call: &'a CallForAnalysis,
     key: &'a CacheKey,
-    result: &'a CoachingResult,
-    source: &'a str,
+    source: &'static str,
     model: &'a str,
     usage: Usage,
-    duration_ms: i64,
+    started: Instant,
+    waited: Duration,
 }
 
 /// Writes the run, the session (unless this call already has one for the key's dimension and
 /// rubric version) and the durable cache row, in one transaction.
-async fn store(ctx: &JobContext, run: &StoredRun<'_>) -> anyhow::Result<()> {
+async fn store(
+    ctx: &JobContext,
+    run: &StoredRun<'_>,
+    result: &CoachingResult,
+) -> anyhow::Result<()> {
     let key = run.key.to_string();
-    let result_json = serde_json::to_value(run.result)?;
+    let result_json = serde_json::to_value(result)?;
     let mut tx = ctx.pg.begin().await?;
     // Serializes concurrent writers of the same (call, dimension, rubric version).
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
@@ -227,8 +249,9 @@ async fn store(ctx: &JobContext, run: &StoredRun<'_>) -> anyhow::Result<()> {
     let u = run.usage;
     sqlx::query(
         "INSERT INTO analysis_runs (id, job_id, call_id, dimension, rubric_version, cache_key, source,
-             model, input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens, duration_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             model, input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens, duration_ms,
+             singleflight_wait_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(run_id)
     .bind(run.job_id)
@@ -242,7 +265,8 @@ async fn store(ctx: &JobContext, run: &StoredRun<'_>) -> anyhow::Result<()> {
     .bind(u.output_tokens as i64)
     .bind(u.cache_creation_input_tokens as i64)
     .bind(u.cache_read_input_tokens as i64)
-    .bind(run.duration_ms)
+    .bind(run.started.elapsed().as_millis() as i64)
+    .bind(run.waited.as_millis() as i64)
     .execute(&mut *tx)
     .await?;
     let session_id = Uuid::now_v7();
@@ -259,19 +283,20 @@ async fn store(ctx: &JobContext, run: &StoredRun<'_>) -> anyhow::Result<()> {
     .bind(run.key.dimension.as_str())
     .bind(&run.key.rubric_version)
     .bind(&key)
-    .bind(i32::from(run.result.score))
+    .bind(i32::from(result.score))
     .bind(&result_json)
     .bind(run_id)
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "INSERT INTO coaching_cache (cache_key, dimension, transcript_hash, rubric_version, fingerprint,
-             result, session_id, model)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (cache_key) DO NOTHING",
+        "INSERT INTO coaching_cache (cache_key, dimension, transcript_hash, role, rubric_version,
+             fingerprint, result, session_id, model)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (cache_key) DO NOTHING",
     )
     .bind(&key)
     .bind(run.key.dimension.as_str())
     .bind(&run.key.transcript_hash)
+    .bind(run.key.role.as_str())
     .bind(&run.key.rubric_version)
     .bind(&run.key.fingerprint)
     .bind(&result_json)
@@ -280,7 +305,11 @@ async fn store(ctx: &JobContext, run: &StoredRun<'_>) -> anyhow::Result<()> {
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    metrics::counter!(names::ANALYSIS_RUNS, "source" => run.source.to_string()).increment(1);
+    metrics::counter!(names::ANALYSIS_RUNS, "source" => run.source).increment(1);
+    if !run.waited.is_zero() {
+        metrics::counter!(names::CACHE_SINGLEFLIGHT_WAITS, "dimension" => run.key.dimension.as_str())
+            .increment(1);
+    }
     Ok(())
 }
 

@@ -63,6 +63,13 @@ pub enum JobError {
     Fail(anyhow::Error),
 }
 
+/// Infrastructure errors (database, cache) are transient: retry.
+impl From<anyhow::Error> for JobError {
+    fn from(e: anyhow::Error) -> Self {
+        JobError::Retry(e)
+    }
+}
+
 /// A job kind.
 pub trait Job: Serialize + DeserializeOwned + Clone + Send + Sync + Unpin + 'static {
     /// Stable name: queue name suffix and `jobs.kind` in the ledger.
