@@ -281,3 +281,50 @@ pub async fn call_details(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<serde_
     call["coaching"] = serde_json::to_value(sessions).unwrap_or_default();
     Ok(Some(call))
 }
+
+/// Outcome of [`replace_rubric`].
+#[derive(Debug)]
+pub enum RubricUpdate {
+    /// The new version is active; `previous` is the version it replaced, if any.
+    Replaced {
+        /// The superseded version.
+        previous: Option<String>,
+    },
+    /// That version already exists for this role and dimension.
+    VersionExists,
+}
+
+/// Stores a new rubric version and makes it the active one; old versions stay for history.
+pub async fn replace_rubric(
+    pool: &PgPool,
+    role: Role,
+    dim: Dimension,
+    version: &str,
+    criteria: &str,
+) -> sqlx::Result<RubricUpdate> {
+    let mut tx = pool.begin().await?;
+    let previous: Option<String> = sqlx::query_scalar(
+        "UPDATE coaching_rubrics SET active = false
+         WHERE role = $1 AND dimension = $2 AND active RETURNING version",
+    )
+    .bind(role.as_str())
+    .bind(dim.as_str())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let inserted = sqlx::query(
+        "INSERT INTO coaching_rubrics (role, dimension, version, criteria, active)
+         VALUES ($1, $2, $3, $4, true) ON CONFLICT (role, dimension, version) DO NOTHING",
+    )
+    .bind(role.as_str())
+    .bind(dim.as_str())
+    .bind(version)
+    .bind(criteria)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(RubricUpdate::VersionExists);
+    }
+    tx.commit().await?;
+    Ok(RubricUpdate::Replaced { previous })
+}

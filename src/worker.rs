@@ -6,7 +6,7 @@
 //! shutdown: the monitor stops fetching and lets running jobs finish.
 
 use crate::{
-    jobs::{AnalyzeCall, Job, JobContext, perform_job},
+    jobs::{AnalyzeCall, InvalidateRubric, Job, JobContext, perform_job},
     queue::{self, Envelope},
 };
 use apalis::prelude::*;
@@ -59,7 +59,8 @@ pub async fn run(
             true
         })
         .shutdown_timeout(Duration::from_secs(30));
-    let monitor = register::<AnalyzeCall>(monitor, ctx, redis, options);
+    let monitor = register::<AnalyzeCall>(monitor, ctx.clone(), redis.clone(), options.clone());
+    let monitor = register::<InvalidateRubric>(monitor, ctx, redis, options);
     monitor
         .run_with_signal(async {
             shutdown.await;

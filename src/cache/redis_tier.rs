@@ -1,58 +1,48 @@
 //! The Redis tier behind a circuit breaker.
 //!
 //! Every command runs with a short timeout (`REDIS_CACHE_TIMEOUT_MS`, default 25 ms). After
-//! three consecutive failures the breaker opens for one second: calls skip Redis at once and
-//! the cache answers from Postgres. When the second is over, the next call probes Redis; a
-//! success closes the breaker, so Redis coming back is used again without a restart.
+//! three consecutive failures the breaker opens: calls skip Redis at once and the cache
+//! answers from Postgres. While it is open, one background task PINGs Redis every 250 ms; the
+//! first answer closes the breaker, so Redis coming back is used again without a restart.
 //! At most `REDIS_MAX_CONNECTIONS` commands are in flight; further callers queue for a slot
 //! within the same timeout and count as a Redis error (never silently) if none frees up.
 
 use crate::telemetry::names;
 use redis::aio::ConnectionManager;
 use std::{
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
-    time::{Duration, Instant},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
 };
 
 /// Consecutive failures that open the breaker.
 const FAILURES_TO_OPEN: u32 = 3;
+
+/// Pause between probes while the breaker is open.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// Whether the breaker lets calls through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BreakerState {
     /// Redis is used.
     Closed,
-    /// Redis is skipped until the open period ends.
+    /// Redis is skipped until a probe succeeds.
     Open,
 }
 
 /// A lock-free circuit breaker.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Breaker {
-    epoch: Instant,
     failures: AtomicU32,
-    open_until_ms: AtomicU64,
-    open_for: Duration,
+    open: AtomicBool,
 }
 
 impl Breaker {
-    /// A closed breaker that stays open for `open_for` once tripped.
-    pub fn new(open_for: Duration) -> Self {
-        Self {
-            epoch: Instant::now(),
-            failures: AtomicU32::new(0),
-            open_until_ms: AtomicU64::new(0),
-            open_for,
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
     /// Current state.
     pub fn state(&self) -> BreakerState {
-        if self.now_ms() < self.open_until_ms.load(Ordering::Relaxed) {
+        if self.open.load(Ordering::Acquire) {
             BreakerState::Open
         } else {
             BreakerState::Closed
@@ -61,7 +51,8 @@ impl Breaker {
 
     /// Records a successful call: closes the breaker.
     pub fn success(&self) {
-        if self.failures.swap(0, Ordering::Relaxed) >= FAILURES_TO_OPEN {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.open.swap(false, Ordering::AcqRel) {
             tracing::info!("redis is back; cache circuit breaker closed");
             metrics::gauge!(names::CACHE_BREAKER_OPEN).set(0.0);
         }
@@ -70,18 +61,13 @@ impl Breaker {
     /// Records a failed call; returns true if this failure opened the breaker.
     pub fn failure(&self) -> bool {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < FAILURES_TO_OPEN {
+        if failures < FAILURES_TO_OPEN || self.open.swap(true, Ordering::AcqRel) {
             return false;
         }
-        let until = self.now_ms() + self.open_for.as_millis() as u64;
-        self.open_until_ms.store(until, Ordering::Relaxed);
-        if failures == FAILURES_TO_OPEN {
-            tracing::warn!("redis unavailable; cache circuit breaker open, using postgres");
-            metrics::counter!(names::CACHE_BREAKER_OPENED).increment(1);
-            metrics::gauge!(names::CACHE_BREAKER_OPEN).set(1.0);
-            return true;
-        }
-        false
+        tracing::warn!("redis unavailable; cache circuit breaker open, using postgres");
+        metrics::counter!(names::CACHE_BREAKER_OPENED).increment(1);
+        metrics::gauge!(names::CACHE_BREAKER_OPEN).set(1.0);
+        true
     }
 }
 
@@ -100,7 +86,7 @@ pub enum RedisSkip {
 pub struct RedisTier {
     conn: ConnectionManager,
     timeout: Duration,
-    breaker: Breaker,
+    breaker: Arc<Breaker>,
 }
 
 impl RedisTier {
@@ -109,7 +95,7 @@ impl RedisTier {
         Self {
             conn,
             timeout,
-            breaker: Breaker::new(Duration::from_secs(1)),
+            breaker: Arc::new(Breaker::default()),
         }
     }
 
@@ -163,8 +149,23 @@ impl RedisTier {
     fn failed(&self, message: String) -> RedisSkip {
         metrics::counter!(names::CACHE_ERRORS, "tier" => "redis").increment(1);
         tracing::debug!(%message, "redis cache command failed");
-        self.breaker.failure();
+        if self.breaker.failure() {
+            tokio::spawn(probe(self.conn.clone(), self.breaker.clone()));
+        }
         RedisSkip::Failed(message)
+    }
+}
+
+/// PINGs Redis until it answers, then closes the breaker.
+async fn probe(mut conn: ConnectionManager, breaker: Arc<Breaker>) {
+    let cmd = redis::cmd("PING");
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let ping = cmd.query_async::<String>(&mut conn);
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), ping).await {
+            breaker.success();
+            return;
+        }
     }
 }
 
@@ -174,26 +175,15 @@ mod tests {
 
     #[test]
     fn breaker_opens_after_three_failures_and_closes_on_success() {
-        let b = Breaker::new(Duration::from_millis(30));
+        let b = Breaker::default();
         assert!(!b.failure());
         assert!(!b.failure());
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(b.failure());
+        assert!(b.failure(), "the third failure opens it");
         assert_eq!(b.state(), BreakerState::Open);
-        std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(
-            b.state(),
-            BreakerState::Closed,
-            "half-open: a probe may pass"
-        );
-        assert!(
-            !b.failure(),
-            "a failed probe re-opens without a new announcement"
-        );
-        assert_eq!(b.state(), BreakerState::Open);
-        std::thread::sleep(Duration::from_millis(40));
+        assert!(!b.failure(), "already open: no second announcement");
         b.success();
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(!b.failure());
+        assert!(!b.failure(), "the count starts again");
     }
 }

@@ -6,8 +6,8 @@ use super::{
 };
 use crate::{
     db,
-    jobs::AnalyzeCall,
-    model::{CallInput, Dimension},
+    jobs::{AnalyzeCall, InvalidateRubric},
+    model::{CallInput, Dimension, Role},
     queue,
 };
 use axum::{
@@ -174,6 +174,75 @@ pub async fn get_job(
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("job {id} does not exist")))
+}
+
+/// Body of `PUT /v1/rubrics/{role}/{dimension}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RubricRequest {
+    /// New version label (1-50 characters, no `:`).
+    pub version: String,
+    /// Criteria text given to the model.
+    pub criteria: String,
+}
+
+/// `PUT /v1/rubrics/{role}/{dimension}` (admin): stores a new rubric version, makes it active
+/// and enqueues `invalidate_rubric` for the superseded version's cache entries.
+pub async fn put_rubric(
+    State(state): State<AppState>,
+    principal: Principal,
+    ApiPath((role, dimension)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<RubricRequest>,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(&[Scope::Admin])?;
+    let role: Role = role.parse().map_err(ApiError::bad_request)?;
+    let dimension: Dimension = dimension.parse().map_err(ApiError::bad_request)?;
+    let version = req.version.trim();
+    if version.is_empty() || version.len() > 50 || version.contains(':') {
+        return Err(ApiError::bad_request(
+            "version must be 1-50 characters without ':'",
+        ));
+    }
+    if req.criteria.trim().is_empty() || req.criteria.len() > 20_000 {
+        return Err(ApiError::bad_request("criteria must be 1-20000 characters"));
+    }
+    let update = db::replace_rubric(&state.pg, role, dimension, version, &req.criteria).await?;
+    let previous = match update {
+        db::RubricUpdate::VersionExists => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "version_exists",
+                format!(
+                    "rubric {} / {dimension} already has version {version}",
+                    role.as_str()
+                ),
+            ));
+        }
+        db::RubricUpdate::Replaced { previous } => previous,
+    };
+    let invalidation = match &previous {
+        Some(old) => {
+            let job = InvalidateRubric {
+                role,
+                dimension,
+                version: old.clone(),
+            };
+            let enqueued = state
+                .queue
+                .enqueue(&job, None)
+                .await
+                .map_err(ApiError::internal)?;
+            Some(enqueued.job_id)
+        }
+        None => None,
+    };
+    Ok(Json(json!({
+        "role": role.as_str(),
+        "dimension": dimension,
+        "version": version,
+        "previous_version": previous,
+        "invalidation_job_id": invalidation,
+    })))
 }
 
 /// Fallback for unknown routes.

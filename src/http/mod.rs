@@ -13,7 +13,7 @@ use axum::{
     },
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{get, post, put},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/calls/{id}", get(api::get_call))
         .route("/v1/analyses", post(api::create_analysis))
         .route("/v1/jobs/{id}", get(api::get_job))
+        .route("/v1/rubrics/{role}/{dimension}", put(api::put_rubric))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -8,6 +8,7 @@
 use super::{Job, JobContext, JobError};
 use crate::{
     cache::{CacheKey, Outcome, fingerprint},
+    config::Settings,
     db::{self, CallForAnalysis},
     llm::{self, CoachingResult, LlmError, PromptInputs, Usage},
     model::Dimension,
@@ -109,18 +110,13 @@ async fn analyse_dimension(
         })
         .map_err(JobError::Retry)?;
     let s = &ctx.settings;
-    let key = CacheKey {
-        dimension: input.dimension,
-        transcript_hash: input.call.transcript_hash.clone(),
-        role: input.call.rep_role,
-        rubric_version: rubric.version.clone(),
-        fingerprint: fingerprint(
-            &s.claude_model,
-            llm::PROMPT_TEMPLATE_VERSION,
-            input.kb_version,
-            s.claude_max_tokens,
-        ),
-    };
+    let key = cache_key(
+        s,
+        input.call,
+        input.dimension,
+        &rubric.version,
+        input.kb_version,
+    );
     let prompt = PromptInputs {
         instructions: INSTRUCTIONS,
         role: input.call.rep_role.as_str(),
@@ -171,6 +167,48 @@ async fn analyse_dimension(
         source: source.to_string(),
         cache_key: key.to_string(),
     })
+}
+
+/// The cache key of one analysis: the one place its parts are gathered.
+pub fn cache_key(
+    settings: &Settings,
+    call: &CallForAnalysis,
+    dimension: Dimension,
+    rubric_version: &str,
+    kb_version: &str,
+) -> CacheKey {
+    CacheKey {
+        dimension,
+        transcript_hash: call.transcript_hash.clone(),
+        role: call.rep_role,
+        rubric_version: rubric_version.to_string(),
+        fingerprint: fingerprint(
+            &settings.claude_model,
+            llm::PROMPT_TEMPLATE_VERSION,
+            kb_version,
+            settings.claude_max_tokens,
+        ),
+    }
+}
+
+/// The cache key the next analysis of a call and dimension will use (for tools and tests).
+pub async fn cache_key_for(
+    ctx: &JobContext,
+    call_id: Uuid,
+    dimension: Dimension,
+) -> anyhow::Result<CacheKey> {
+    let call = db::call_for_analysis(&ctx.pg, call_id)
+        .await?
+        .with_context(|| format!("call {call_id} does not exist"))?;
+    let rubric = db::active_rubric(&ctx.pg, call.rep_role, dimension).await?;
+    let (_, kb_version) = db::knowledge_base(&ctx.pg).await?;
+    Ok(cache_key(
+        &ctx.settings,
+        &call,
+        dimension,
+        &rubric.version,
+        &kb_version,
+    ))
 }
 
 /// One LLM request; maps its failure onto a job outcome.

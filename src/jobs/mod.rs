@@ -7,6 +7,7 @@
 //! `worker::run`.
 
 pub mod analyze_call;
+pub mod invalidate_rubric;
 
 use crate::{
     cache::CoachingCache,
@@ -22,9 +23,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub use analyze_call::AnalyzeCall;
+pub use invalidate_rubric::InvalidateRubric;
 
 /// Every job kind, by stable name.
-pub const KINDS: &[&str] = &[AnalyzeCall::JOB_NAME];
+pub const KINDS: &[&str] = &[AnalyzeCall::JOB_NAME, InvalidateRubric::JOB_NAME];
 
 /// Everything a job may use, shared by all jobs of a worker.
 #[derive(Clone)]
@@ -95,6 +97,10 @@ pub async fn deliver_raw(
     match kind {
         AnalyzeCall::JOB_NAME => {
             let args: AnalyzeCall = serde_json::from_value(payload)?;
+            Ok(queue.deliver(id, delivery, args, delay).await)
+        }
+        InvalidateRubric::JOB_NAME => {
+            let args: InvalidateRubric = serde_json::from_value(payload)?;
             Ok(queue.deliver(id, delivery, args, delay).await)
         }
         other => anyhow::bail!("unknown job kind {other:?}"),

@@ -7,7 +7,10 @@ use callcoach::{
     config::Settings,
     db,
     http::auth::{self, Scope},
+    jobs::{AnalyzeCall, perform_job},
     llm::emulator::{self, EmulatorConfig, EmulatorHandle},
+    model::Dimension,
+    queue::Envelope,
 };
 use serde_json::Value;
 use std::{
@@ -80,6 +83,17 @@ impl TestRedis {
     }
 }
 
+impl TestRedis {
+    /// A direct connection, to read and write raw keys.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
 impl Drop for TestRedis {
     fn drop(&mut self) {
         self.stop();
@@ -110,6 +124,10 @@ pub struct TestApp {
     pub http: reqwest::Client,
     /// Producer key.
     pub key: String,
+    /// Admin key.
+    pub admin_key: String,
+    /// The environment the app was built from (to build more apps on the same stores).
+    pub env: HashMap<String, String>,
     pub redis: TestRedis,
     pub emulator: EmulatorHandle,
     shutdown: CancellationToken,
@@ -152,14 +170,16 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     .collect();
     env.extend(options.env.into_iter().map(|(k, v)| (k.to_string(), v)));
     let app = App::build(Settings::from_map(&env).unwrap()).unwrap();
+    let env_copy = env.clone();
     db::migrate(&app.pg).await.unwrap();
     let key = auth::create_key(&app.pg, "test-producer", Scope::Producer)
         .await
         .unwrap()
         .key;
-    auth::create_key(&app.pg, "test-admin", Scope::Admin)
+    let admin_key = auth::create_key(&app.pg, "test-admin", Scope::Admin)
         .await
-        .unwrap();
+        .unwrap()
+        .key;
     let shutdown = CancellationToken::new();
     let server = app.clone();
     let token = shutdown.clone();
@@ -169,6 +189,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         base,
         http: reqwest::Client::new(),
         key,
+        admin_key,
+        env: env_copy,
         redis,
         emulator,
         shutdown,
@@ -262,6 +284,48 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Another app (another "process") on the same Postgres and Redis, with overrides.
+    pub fn another_app(&self, overrides: &[(&str, &str)]) -> App {
+        let mut env = self.env.clone();
+        env.extend(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        App::build(Settings::from_map(&env).unwrap()).unwrap()
+    }
+
+    /// Records an analysis job in the ledger and runs it here, as a worker would.
+    pub async fn perform(&self, app: &App, call_id: Uuid, dimensions: &[Dimension]) -> Value {
+        let args = AnalyzeCall {
+            call_id,
+            dimensions: dimensions.to_vec(),
+        };
+        let job_id = app.queue.enqueue(&args, None).await.unwrap().job_id;
+        let envelope = Envelope {
+            job_id,
+            delivery: 0,
+            args,
+        };
+        perform_job(envelope, &app.jobs).await.unwrap();
+        let job = callcoach::queue::job(&app.pg, job_id)
+            .await
+            .unwrap()
+            .unwrap();
+        serde_json::to_value(job).unwrap()
+    }
+
+    /// Sources (`llm`, `redis`, `postgres`) of the analysis runs of a call, oldest first.
+    pub async fn run_sources(&self, call_id: Uuid) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT source FROM analysis_runs WHERE call_id = $1 ORDER BY created_at, id",
+        )
+        .bind(call_id)
+        .fetch_all(&self.app.pg)
+        .await
+        .unwrap()
     }
 
     /// Number of coaching sessions stored for a call and dimension.

@@ -2,5 +2,6 @@
 //! `deploy/dev.sh test`) and the in-process LLM emulator.
 
 mod api;
+mod cache;
 mod helpers;
 mod pipeline;
