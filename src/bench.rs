@@ -9,6 +9,7 @@ use crate::{
     config::Settings,
     jobs::{Job, JobContext, JobError},
     queue::{self, Envelope},
+    worker,
 };
 use apalis::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -106,9 +107,11 @@ async fn bench_queue(
             })
             .collect();
         store.push_bulk(batch).await?;
+        queue::wake(&conn, Noop::JOB_NAME).await;
     }
     let enqueue_secs = started.elapsed().as_secs_f64();
     let (processed_secs, latencies) = process(
+        settings.redis_url.expose(),
         conn.clone(),
         jobs,
         concurrency,
@@ -172,6 +175,7 @@ async fn clear_queue(mut conn: redis::aio::ConnectionManager) -> anyhow::Result<
 
 /// Processes the backlog with one worker, then measures idle pick-up latency one job at a time.
 async fn process(
+    url: &str,
     conn: redis::aio::ConnectionManager,
     jobs: usize,
     concurrency: usize,
@@ -180,7 +184,10 @@ async fn process(
 ) -> anyhow::Result<(f64, Vec<f64>)> {
     let done = Arc::new(AtomicUsize::new(0));
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(samples)));
-    let backend = queue::storage::<Noop>(conn.clone()).poll_with_interval(poll);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let hub = worker::WakeHub::spawn(redis::Client::open(url)?, Noop::JOB_NAME, stop.clone());
+    let backend =
+        queue::storage::<Noop>(conn.clone()).poll_with_strategy(worker::poll_strategy(&hub, poll));
     let worker = WorkerBuilder::new(format!("bench-{}", Uuid::new_v4().simple()))
         .backend(backend)
         .data(done.clone())
@@ -204,7 +211,7 @@ async fn process(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let processed_secs = started.elapsed().as_secs_f64();
-    let mut store = queue::storage::<Noop>(conn);
+    let mut store = queue::storage::<Noop>(conn.clone());
     for i in 0..samples {
         // Let the worker go idle, then push one job and wait for it.
         tokio::time::sleep(Duration::from_millis(20 + (i % 7) as u64 * 3)).await;
@@ -216,6 +223,7 @@ async fn process(
             },
         };
         store.push(env).await?;
+        queue::wake(&conn, Noop::JOB_NAME).await;
         let target = jobs + i + 1;
         let until = Instant::now() + Duration::from_secs(10);
         while done.load(Ordering::Relaxed) < target && Instant::now() < until {
@@ -223,6 +231,7 @@ async fn process(
         }
     }
     running.abort();
+    stop.cancel();
     let mut latencies = latencies.lock().await.clone();
     latencies.sort_by(f64::total_cmp);
     Ok((processed_secs, latencies))

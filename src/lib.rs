@@ -138,13 +138,7 @@ impl App {
             concurrency: self.settings.worker_concurrency,
             poll: self.settings.worker_poll,
         };
-        let result = worker::run(
-            self.jobs.clone(),
-            self.redis.clone(),
-            options,
-            shutdown.cancelled_owned(),
-        )
-        .await;
+        let result = worker::run(self.jobs.clone(), self.redis.clone(), options, shutdown).await;
         let _ = relay.await;
         result
     }

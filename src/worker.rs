@@ -4,15 +4,84 @@
 //! a fresh name (apalis refuses a name seen within the orphan window). A restarted worker first
 //! waits until Redis answers PING, so an outage does not turn into a restart storm. Graceful
 //! shutdown: the monitor stops fetching and lets running jobs finish.
+//!
+//! Idle workers do not wait for their poll tick: a [`WakeHub`] per kind listens on the kind's
+//! pub/sub channel (published by every push) and wakes them at once; polling remains as the
+//! fallback when a message is missed.
 
 use crate::{
     jobs::{AnalyzeCall, InvalidateRubric, Job, JobContext, perform_job},
     queue::{self, Envelope},
 };
 use apalis::prelude::*;
+use futures::{
+    StreamExt,
+    channel::mpsc::{Receiver, Sender, channel},
+};
 use redis::aio::ConnectionManager;
-use std::{future::Future, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// Fans wake-ups from one Redis subscription out to the (re)started workers of a kind.
+#[derive(Clone, Default)]
+pub struct WakeHub {
+    senders: Arc<Mutex<Vec<Sender<()>>>>,
+}
+
+impl WakeHub {
+    /// Starts listening on `kind`'s wake channel until `shutdown`; reconnects after errors.
+    pub fn spawn(client: redis::Client, kind: &str, shutdown: CancellationToken) -> Self {
+        let hub = WakeHub::default();
+        let listener = hub.clone();
+        let channel = queue::wake_channel(kind);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = listener.listen(client, channel) => {}
+            }
+        });
+        hub
+    }
+
+    async fn listen(&self, client: redis::Client, channel: String) {
+        loop {
+            if let Ok(mut pubsub) = client.get_async_pubsub().await
+                && pubsub.subscribe(&channel).await.is_ok()
+            {
+                // Anything pushed while we were away is picked up by this wake.
+                self.notify();
+                let mut messages = pubsub.on_message();
+                while messages.next().await.is_some() {
+                    self.notify();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Wakes every live subscriber; a subscriber with a wake pending is not woken twice.
+    fn notify(&self) {
+        if let Ok(mut senders) = self.senders.lock() {
+            senders.retain_mut(|tx| match tx.try_send(()) {
+                Ok(()) => true,
+                Err(e) => e.is_full(),
+            });
+        }
+    }
+
+    /// A new wake stream for one worker run.
+    pub fn subscribe(&self) -> Receiver<()> {
+        let (tx, rx) = channel(1);
+        if let Ok(mut senders) = self.senders.lock() {
+            senders.push(tx);
+        }
+        rx
+    }
+}
 
 /// Worker options.
 #[derive(Clone, Debug)]
@@ -46,12 +115,17 @@ async fn handle<J: Job>(env: Envelope<J>, ctx: Data<JobContext>) -> Result<(), B
     perform_job(env, &ctx).await.map(|_| ()).map_err(Into::into)
 }
 
-/// Runs workers for every job kind until `shutdown` resolves.
+/// How an idle worker learns of new jobs: a wake message, or else its poll tick.
+pub fn poll_strategy(wake: &WakeHub, poll: Duration) -> Strategy {
+    Strategy::new().stream(wake.subscribe()).interval(poll)
+}
+
+/// Runs workers for every job kind until `shutdown` is cancelled.
 pub async fn run(
     ctx: JobContext,
     redis: ConnectionManager,
     options: WorkerOptions,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let monitor = Monitor::new()
         .should_restart(|worker, error| {
@@ -59,11 +133,25 @@ pub async fn run(
             true
         })
         .shutdown_timeout(Duration::from_secs(30));
-    let monitor = register::<AnalyzeCall>(monitor, ctx.clone(), redis.clone(), options.clone());
-    let monitor = register::<InvalidateRubric>(monitor, ctx, redis, options);
+    let client = redis::Client::open(ctx.settings.redis_url.expose())?;
+    let wake = |kind| WakeHub::spawn(client.clone(), kind, shutdown.clone());
+    let monitor = register::<AnalyzeCall>(
+        monitor,
+        ctx.clone(),
+        redis.clone(),
+        wake(AnalyzeCall::JOB_NAME),
+        options.clone(),
+    );
+    let monitor = register::<InvalidateRubric>(
+        monitor,
+        ctx,
+        redis,
+        wake(InvalidateRubric::JOB_NAME),
+        options,
+    );
     monitor
-        .run_with_signal(async {
-            shutdown.await;
+        .run_with_signal(async move {
+            shutdown.cancelled().await;
             Ok(())
         })
         .await?;
@@ -74,6 +162,7 @@ fn register<J: Job>(
     monitor: Monitor,
     ctx: JobContext,
     redis: ConnectionManager,
+    wake: WakeHub,
     options: WorkerOptions,
 ) -> Monitor {
     monitor.register(move |restarts| {
@@ -88,7 +177,7 @@ fn register<J: Job>(
                     Ok(())
                 }
             })
-            .poll_with_interval(options.poll);
+            .poll_with_strategy(poll_strategy(&wake, options.poll));
         WorkerBuilder::new(worker_name(J::JOB_NAME, restarts))
             .backend(backend)
             .data(ctx.clone())
