@@ -216,6 +216,14 @@ impl TestApp {
         }
     }
 
+    /// Kills the worker without a graceful shutdown, as a crash would: jobs in flight are
+    /// dropped mid-run and the worker stops heartbeating.
+    pub fn kill_worker(&mut self) {
+        if let Some((_, handle)) = self.worker.take() {
+            handle.abort();
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

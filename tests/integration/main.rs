@@ -5,3 +5,4 @@ mod api;
 mod cache;
 mod helpers;
 mod pipeline;
+mod queue;

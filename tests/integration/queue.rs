@@ -1,0 +1,94 @@
+//! Queue guarantees that apalis-redis alone does not give: crash recovery of a killed worker's
+//! jobs, and surviving a backlog larger than Redis' Lua unpack limit.
+
+use crate::helpers::{Options, sample_call, spawn_app_with};
+use apalis::prelude::TaskSink;
+use callcoach::{
+    jobs::AnalyzeCall,
+    llm::emulator::EmulatorConfig,
+    model::Dimension,
+    queue::{self, Envelope},
+};
+use std::time::Duration;
+use uuid::Uuid;
+
+#[tokio::test]
+async fn a_killed_workers_job_is_run_by_another_worker() {
+    let mut app = spawn_app_with(Options {
+        emulator: EmulatorConfig {
+            latency: Duration::from_millis(1500),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    app.start_worker();
+    let call_id = app.ingest(&sample_call("killed")).await;
+    let job_id = app.enqueue(call_id, &["discovery"]).await;
+    // Wait until the job is running, then kill the worker mid-job.
+    for _ in 0..100 {
+        let (_, job) = app.get(&format!("/v1/jobs/{job_id}")).await;
+        if job["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.kill_worker();
+    app.start_worker();
+    // Recovery relies on the dead worker's missed heartbeats (3 × 5 s).
+    let job = app.wait_for_job(job_id, 45).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["attempts"], 2,
+        "the killed run counts as an attempt: {job}"
+    );
+    assert_eq!(app.session_count(call_id, "discovery").await, 1);
+}
+
+#[tokio::test]
+async fn a_backlog_beyond_the_lua_unpack_limit_is_drained() {
+    let mut app = spawn_app_with(Options {
+        env: vec![("WORKER_CONCURRENCY", "32".into())],
+        ..Default::default()
+    })
+    .await;
+    let call_id = app.ingest(&sample_call("backlog")).await;
+    // 9000 deliveries whose ledger rows do not exist: each run is a cheap "stale" skip.
+    let mut store = queue::storage::<AnalyzeCall>(app.app.redis.clone());
+    let envelopes: Vec<_> = (0..9000)
+        .map(|_| Envelope {
+            job_id: Uuid::new_v4(),
+            delivery: 0,
+            args: AnalyzeCall {
+                call_id,
+                dimensions: vec![Dimension::Discovery],
+            },
+        })
+        .collect();
+    store.push_bulk(envelopes).await.unwrap();
+    app.start_worker();
+    let mut conn = app.redis.conn().await;
+    let name = queue::queue_name("analyze_call");
+    let mut left = usize::MAX;
+    for _ in 0..600 {
+        let active: usize = redis::cmd("LLEN")
+            .arg(format!("{name}:active"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let scheduled: usize = redis::cmd("ZCARD")
+            .arg(format!("{name}:scheduled"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        left = active + scheduled;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "backlog not drained");
+    // The worker is still alive and runs real jobs.
+    let job_id = app.enqueue(call_id, &["discovery"]).await;
+    assert_eq!(app.wait_for_job(job_id, 30).await["status"], "succeeded");
+}
