@@ -60,7 +60,8 @@ pub struct Settings {
     pub cache_ttl_days: u32,
     /// Timeout of one Redis cache command (`REDIS_CACHE_TIMEOUT_MS`, default 25).
     pub redis_cache_timeout: Duration,
-    /// Single-flight lease lifetime (`CACHE_LEASE_MS`, default LLM timeout + 10 s).
+    /// Single-flight lease lifetime (`CACHE_LEASE_MS`, default 15 s); the owner renews it
+    /// while it computes, so it only runs out when the owner died.
     pub cache_lease: Duration,
     /// Anthropic API key (`ANTHROPIC_API_KEY`); the emulator accepts any key.
     pub anthropic_api_key: Secret,
@@ -114,7 +115,6 @@ impl Settings {
         if cache_ttl_days <= 0 {
             return Err(bad("CACHE_TTL_DAYS", "must be a positive number of days"));
         }
-        let llm_timeout_secs: u64 = positive(get, "LLM_TIMEOUT_SECS", 120)?;
         let settings = Settings {
             database_url: Secret::new(database_url),
             database_max_connections: positive(get, "DATABASE_MAX_CONNECTIONS", 20)?,
@@ -128,11 +128,7 @@ impl Settings {
                 "REDIS_CACHE_TIMEOUT_MS",
                 25,
             )?),
-            cache_lease: Duration::from_millis(positive(
-                get,
-                "CACHE_LEASE_MS",
-                llm_timeout_secs * 1000 + 10_000,
-            )?),
+            cache_lease: Duration::from_millis(positive(get, "CACHE_LEASE_MS", 15_000)?),
             anthropic_api_key: Secret::new(get.get("ANTHROPIC_API_KEY").unwrap_or("emulator-key")),
             anthropic_base_url: url(get, "ANTHROPIC_BASE_URL", "http://127.0.0.1:4010")?,
             claude_model: get
@@ -140,7 +136,7 @@ impl Settings {
                 .unwrap_or("claude-sonnet-4-5-20250929")
                 .to_string(),
             claude_max_tokens: positive(get, "CLAUDE_MAX_TOKENS", 1024)?,
-            llm_timeout: Duration::from_secs(llm_timeout_secs),
+            llm_timeout: Duration::from_secs(positive(get, "LLM_TIMEOUT_SECS", 120)?),
             public_url: get
                 .get("PUBLIC_URL")
                 .map(str::to_string)

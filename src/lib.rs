@@ -86,6 +86,7 @@ impl App {
                 ttl: settings.cache_ttl(),
                 enabled: settings.enable_caching,
                 lease_ttl: settings.cache_lease,
+                max_wait: settings.llm_timeout + settings.cache_lease,
             },
         );
         let jobs = jobs::JobContext {

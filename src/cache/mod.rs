@@ -4,8 +4,9 @@
 //! `coaching_cache` table (a hit refills Redis). On a miss, single-flight makes sure only one
 //! caller computes a key at a time, across workers and processes: the owner holds a lease
 //! (Redis `SET NX PX` with an owner token, or a `cache_leases` row while Redis is down, never
-//! a transaction held across the LLM call); the others poll the tiers until the result
-//! appears, or until the lease is gone (owner failed or crashed) and they may take it.
+//! a transaction held across the LLM call), renewed every third of its lifetime while it
+//! computes; the others poll the tiers until the result appears, or until the lease is gone
+//! (owner failed, or crashed and stopped renewing) and they may take it.
 //! `ENABLE_CACHING=false` skips reads and leases; results are still recorded.
 
 pub mod key;
@@ -71,8 +72,10 @@ pub struct CacheOptions {
     pub ttl: Duration,
     /// Whether reads and single-flight are on.
     pub enabled: bool,
-    /// How long a lease lives before another caller may take it.
+    /// How long a lease lives unless renewed by its (live) owner.
     pub lease_ttl: Duration,
+    /// Longest a caller waits for another's computation before giving up (a retryable error).
+    pub max_wait: Duration,
 }
 
 /// Where a lease is held.
@@ -95,6 +98,10 @@ pub struct Lease {
 const RELEASE_LUA: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
+/// Extends a Redis lease only if we still own it.
+const RENEW_LUA: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+     return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0";
+
 /// The tiered cache. Cheap to clone.
 #[derive(Clone)]
 pub struct CoachingCache {
@@ -102,6 +109,7 @@ pub struct CoachingCache {
     pg: PgPool,
     options: CacheOptions,
     release: Arc<redis::Script>,
+    renew: Arc<redis::Script>,
 }
 
 impl CoachingCache {
@@ -117,6 +125,7 @@ impl CoachingCache {
             pg,
             options,
             release: Arc::new(redis::Script::new(RELEASE_LUA)),
+            renew: Arc::new(redis::Script::new(RENEW_LUA)),
         }
     }
 
@@ -144,7 +153,7 @@ impl CoachingCache {
             return Ok(Outcome::Computed { result, extra });
         }
         let started = Instant::now();
-        let deadline = started + self.options.lease_ttl * 2;
+        let deadline = started + self.options.max_wait;
         let mut counted = false;
         let mut pause = Duration::from_millis(10);
         loop {
@@ -193,7 +202,12 @@ impl CoachingCache {
                 waited: Duration::ZERO,
             });
         }
-        let computed = compute().await;
+        // The lease is renewed while the computation runs, so it only expires (letting a
+        // waiter take over) when its owner died.
+        let computed = tokio::select! {
+            computed = compute() => computed,
+            never = self.keep_renewing(&lease) => match never {},
+        };
         if let Ok((result, _)) = &computed {
             self.redis_put(key, result).await;
         }
@@ -328,6 +342,43 @@ impl CoachingCache {
         .fetch_optional(&self.pg)
         .await?;
         Ok(won.is_some())
+    }
+
+    /// Extends the lease every third of its lifetime, forever (the caller stops it).
+    async fn keep_renewing(&self, lease: &Lease) -> std::convert::Infallible {
+        let ttl = self.options.lease_ttl;
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.renew(lease, ttl).await {
+                tracing::warn!(error = %e, "lease renewal failed; it may expire");
+            }
+        }
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> anyhow::Result<()> {
+        let owner = lease.owner.to_string();
+        match lease.store {
+            LeaseStore::Redis => {
+                let ttl_ms = ttl.as_millis().to_string();
+                self.redis
+                    .script::<i64>(&self.renew, &[&lease.key], &[&owner, &ttl_ms])
+                    .await?;
+            }
+            LeaseStore::Postgres => {
+                sqlx::query(
+                    "UPDATE cache_leases SET expires_at = now() + make_interval(secs => $3)
+                     WHERE cache_key = $1 AND owner = $2",
+                )
+                .bind(&lease.cache_key)
+                .bind(lease.owner)
+                .bind(ttl.as_secs_f64())
+                .execute(&self.pg)
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Gives a lease back (only if still ours); an expired lease needs nothing.

@@ -287,6 +287,27 @@ async fn a_crashed_owners_lease_expires_and_a_waiter_computes() {
 }
 
 #[tokio::test]
+async fn a_live_owner_renews_its_lease_past_its_lifetime() {
+    let app = spawn_app_with(Options {
+        env: vec![("CACHE_LEASE_MS", "300".into())],
+        emulator: EmulatorConfig {
+            latency: Duration::from_millis(1200),
+            ..Default::default()
+        },
+    })
+    .await;
+    let call_id = app.ingest(&sample_call("renewed")).await;
+    let runs = (0..3).map(|_| app.perform(&app.app, call_id, &[DISC]));
+    let jobs = join_all(runs).await;
+    assert!(jobs.iter().all(|j| j["status"] == "succeeded"), "{jobs:?}");
+    assert_eq!(
+        app.emulator.messages_served(),
+        1,
+        "a computation four times longer than the lease still runs once"
+    );
+}
+
+#[tokio::test]
 async fn caching_disabled_always_computes_but_records() {
     let app = spawn_app_with(Options {
         env: vec![("ENABLE_CACHING", "false".into())],

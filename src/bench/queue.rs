@@ -1,10 +1,8 @@
-//! `callcoach bench …`: benchmarks that print JSON with absolute figures and a ratio against a
-//! baseline measured in the same run.
-//!
 //! `bench queue`: bulk enqueue and processing throughput of no-op jobs through the same
 //! apalis-redis configuration the workers use, and idle pick-up latency, against raw Redis
 //! RPUSH/LPOP throughput (pipelined in the same batch size) as the baseline.
 
+use super::percentile;
 use crate::{
     config::Settings,
     jobs::{Job, JobContext, JobError},
@@ -23,37 +21,6 @@ use std::{
 };
 use tokio::sync::Mutex;
 use uuid::Uuid;
-
-/// Benchmarks.
-#[derive(clap::Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Queue throughput and pick-up latency against raw Redis list operations.
-    Queue {
-        /// Jobs to enqueue and process.
-        #[arg(long, default_value_t = 20_000)]
-        jobs: usize,
-        /// Jobs run at once by the worker.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Pick-up latency samples.
-        #[arg(long, default_value_t = 200)]
-        samples: usize,
-    },
-}
-
-/// Runs a benchmark and prints its JSON report.
-pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let settings = Settings::from_env()?;
-    let report = match cmd {
-        BenchCommand::Queue {
-            jobs,
-            concurrency,
-            samples,
-        } => bench_queue(&settings, jobs, concurrency, samples).await?,
-    };
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
-}
 
 /// A job that does nothing but record when it ran.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,15 +43,7 @@ fn now_us() -> u64 {
         .unwrap_or_default()
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[idx]
-}
-
-async fn bench_queue(
+pub async fn run(
     settings: &Settings,
     jobs: usize,
     concurrency: usize,

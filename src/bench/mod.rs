@@ -1,0 +1,77 @@
+//! `callcoach bench …`: benchmarks that print JSON with absolute figures and a ratio against a
+//! baseline measured in the same run. Speed goals live here, never in timed test assertions.
+
+pub mod cache;
+pub mod queue;
+
+use crate::config::Settings;
+
+/// Benchmarks.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Queue throughput and pick-up latency against raw Redis list operations.
+    Queue {
+        /// Jobs to enqueue and process.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Jobs run at once by the worker.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Pick-up latency samples.
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
+    /// Cache get latency per tier and throughput against raw Redis GET; codec figures.
+    Cache {
+        /// Timed lookups per measurement.
+        #[arg(long, default_value_t = 5_000)]
+        iterations: usize,
+        /// Concurrent clients for the throughput measurement.
+        #[arg(long, default_value_t = 50)]
+        clients: usize,
+    },
+}
+
+/// Runs a benchmark and prints its JSON report.
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    let report = match cmd {
+        BenchCommand::Queue {
+            jobs,
+            concurrency,
+            samples,
+        } => queue::run(&settings, jobs, concurrency, samples).await?,
+        BenchCommand::Cache {
+            iterations,
+            clients,
+        } => cache::run(settings, iterations, clients).await?,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// The p-th percentile (0.0-1.0) of sorted samples.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[idx]
+}
+
+/// p50/p99/mean of latency samples in microseconds, as JSON.
+pub fn summary_us(mut samples: Vec<f64>) -> serde_json::Value {
+    samples.sort_by(f64::total_cmp);
+    let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
+    serde_json::json!({
+        "p50_us": round1(percentile(&samples, 0.5)),
+        "p99_us": round1(percentile(&samples, 0.99)),
+        "mean_us": round1(mean),
+        "samples": samples.len(),
+    })
+}
+
+/// Rounds to one decimal.
+pub fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
