@@ -4,7 +4,7 @@
 # Runs a private PostgreSQL and Redis under $ROOT/.dev/ (never the system-wide
 # daemons) and runs the demo, the test suite or any command against them.
 #
-#   deploy/dev.sh demo          start services, build release, run `callcoach demo`
+#   deploy/dev.sh demo          build release, start services, run `callcoach demo`, stop
 #   deploy/dev.sh test [ARGS]   start services, `cargo nextest run --workspace --no-fail-fast [ARGS]`, stop
 #   deploy/dev.sh up            start services and print `export` lines (eval "$(deploy/dev.sh up)")
 #   deploy/dev.sh down          stop the services
@@ -460,15 +460,20 @@ export_env() {
 
 cmd_demo() {
   ensure_deps
-  start_services
-  export_env info
   cd "$ROOT"
   local locked=()
   [[ -f Cargo.lock ]] && locked=(--locked)
   log "cargo build --release ${locked[*]}"
   cargo build --release "${locked[@]}"
-  log "running callcoach demo (services stay up; 'deploy/dev.sh down' stops them)"
-  exec "$ROOT/target/release/callcoach" demo "$@"
+  trap 'rc=$?; stop_started_services; exit $rc' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  start_services
+  export_env warn
+  log "running callcoach demo"
+  local rc=0
+  "$ROOT/target/release/callcoach" demo "$@" || rc=$?
+  exit "$rc"
 }
 
 cmd_test() {

@@ -59,6 +59,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         key: key.key,
     };
     let started = std::time::Instant::now();
+    let started_at = chrono::Utc::now();
     let mut call_ids = Vec::new();
     for call in &calls {
         call_ids.push(client.ingest(call).await?);
@@ -71,20 +72,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .analyse_all(&call_ids, "second pass (cached)", deadline)
         .await?;
     let llm_calls = emulator.as_ref().map(|e| e.messages_served());
-    print_summary(
-        &app,
-        &call_ids,
-        &[first, second],
+    let summary = Summary {
+        calls: &call_ids,
+        passes: &[first, second],
         llm_calls,
-        started.elapsed(),
-    )
-    .await?;
+        since: started_at,
+        elapsed: started.elapsed(),
+    };
+    let printed = print_summary(&app, &summary).await;
     shutdown.cancel();
     let _ = tokio::join!(web, worker);
     if let Some(handle) = emulator {
         handle.shutdown().await;
     }
-    Ok(())
+    printed
 }
 
 /// The local emulator is used unless a real key and a non-local base URL are configured.
@@ -201,18 +202,21 @@ impl DemoClient {
     }
 }
 
-async fn print_summary(
-    app: &App,
-    calls: &[Uuid],
-    passes: &[Pass],
+/// What the summary table reports.
+struct Summary<'a> {
+    calls: &'a [Uuid],
+    passes: &'a [Pass],
     llm_calls: Option<u64>,
+    since: chrono::DateTime<chrono::Utc>,
     elapsed: Duration,
-) -> anyhow::Result<()> {
+}
+
+async fn print_summary(app: &App, s: &Summary<'_>) -> anyhow::Result<()> {
     println!(
         "\n{:<44} {:>5} {:>6} {:>6} {:>6} {:>6}",
         "call", "role", "prod", "disc", "objn", "engm"
     );
-    for id in calls {
+    for id in s.calls {
         let row = sqlx::query(
             "SELECT c.title, c.rep_role,
                     max(s.score) FILTER (WHERE s.dimension = 'product_knowledge') AS pk,
@@ -241,9 +245,12 @@ async fn print_summary(
             score("en")
         );
     }
-    let sources = sqlx::query("SELECT source, count(*) AS n FROM analysis_runs GROUP BY source")
-        .fetch_all(&app.pg)
-        .await?;
+    let sources = sqlx::query(
+        "SELECT source, count(*) AS n FROM analysis_runs WHERE created_at >= $1 GROUP BY source",
+    )
+    .bind(s.since)
+    .fetch_all(&app.pg)
+    .await?;
     let count = |name: &str| {
         sources
             .iter()
@@ -251,13 +258,15 @@ async fn print_summary(
             .map_or(0, |r| r.get::<i64, _>("n"))
     };
     println!();
-    for p in passes {
+    for p in s.passes {
         println!(
             "{:<22} jobs succeeded: {} failed: {}",
             p.name, p.succeeded, p.failed
         );
     }
-    let llm = llm_calls.map_or("n/a (real API)".to_string(), |n| n.to_string());
+    let llm = s
+        .llm_calls
+        .map_or("n/a (real API)".to_string(), |n| n.to_string());
     println!(
         "analyses: {}   LLM calls: {}   cache hits: {} (redis {}, postgres {})   time: {:.1}s",
         count("llm") + count("redis") + count("postgres"),
@@ -265,9 +274,9 @@ async fn print_summary(
         count("redis") + count("postgres"),
         count("redis"),
         count("postgres"),
-        elapsed.as_secs_f64()
+        s.elapsed.as_secs_f64()
     );
-    let failed: usize = passes.iter().map(|p| p.failed).sum();
+    let failed: usize = s.passes.iter().map(|p| p.failed).sum();
     if failed > 0 {
         bail!("{failed} demo job(s) did not succeed");
     }

@@ -41,7 +41,8 @@ pub mod names {
 
 /// Installs the global tracing subscriber once; later calls are no-ops.
 pub fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,apalis_core=warn,apalis_redis=warn"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v == "json");
     let registry = tracing_subscriber::registry().with(filter);
     let _ = if json {

@@ -3,7 +3,7 @@
 //! bytes as the baseline, throughput with concurrent clients, and the codec's size and speed.
 //! Everything it writes is keyed by a per-run rubric version and removed at the end.
 
-use super::{round1, summary_us};
+use super::{ratio, round1, summary_us};
 use crate::{
     App,
     cache::{self, CacheKey, Outcome, Tier},
@@ -101,11 +101,13 @@ impl Bench {
             self.store(&key, &result_of_size(bytes)).await?;
             let raw = self.raw_gets(&key, iterations).await?;
             let hit = self.redis_hits(&key, iterations).await?;
-            let ratio =
-                hit["p99_us"].as_f64().unwrap_or(0.0) / raw["p99_us"].as_f64().unwrap_or(1.0);
+            let p99_ratio = ratio(
+                hit["p99_us"].as_f64().unwrap_or(0.0),
+                raw["p99_us"].as_f64().unwrap_or(1.0),
+            );
             sizes.insert(
                 name.into(),
-                json!({ "redis_hit": hit, "raw_redis_get": raw, "p99_ratio_vs_raw_get": round1(ratio * 100.0) / 100.0 }),
+                json!({ "redis_hit": hit, "raw_redis_get": raw, "p99_ratio_vs_raw_get": p99_ratio }),
             );
             bar.inc(1);
         }
@@ -272,8 +274,8 @@ impl Bench {
             "gets_per_sec": gets_per_sec.round(),
             "latency": summary_us(samples),
             "raw_redis_gets_per_sec": raw_per_sec.round(),
-            "ratio_vs_raw": round1(gets_per_sec / raw_per_sec * 100.0) / 100.0,
-            "ratio_vs_python_11600": round1(gets_per_sec / 11_600.0 * 100.0) / 100.0,
+            "ratio_vs_raw": ratio(gets_per_sec, raw_per_sec),
+            "ratio_vs_python_11600": ratio(gets_per_sec, 11_600.0),
         }))
     }
 

@@ -71,6 +71,11 @@ pub fn summary_us(mut samples: Vec<f64>) -> serde_json::Value {
     })
 }
 
+/// `a / b` rounded to three decimals.
+pub fn ratio(a: f64, b: f64) -> f64 {
+    (a / b * 1000.0).round() / 1000.0
+}
+
 /// Rounds to one decimal.
 pub fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
