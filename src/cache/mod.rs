@@ -121,7 +121,7 @@ impl CoachingCache {
         options: CacheOptions,
     ) -> Self {
         Self {
-            redis: Arc::new(RedisTier::new(redis, redis_timeout)),
+            redis: Arc::new(RedisTier::new(redis, redis_timeout, pg.clone())),
             pg,
             options,
             release: Arc::new(redis::Script::new(RELEASE_LUA)),
@@ -266,7 +266,7 @@ impl CoachingCache {
             Err(e) => {
                 tracing::warn!(key = %rendered, error = %e, "deleting corrupt cache entry");
                 metrics::counter!(names::CACHE_CORRUPT).increment(1);
-                self.record_event("corrupt", key.dimension.as_str()).await;
+                record_counter(&self.pg, "corrupt", key.dimension.as_str()).await;
                 let _ = self
                     .redis
                     .query::<()>(redis::cmd("DEL").arg(&rendered))
@@ -422,21 +422,6 @@ impl CoachingCache {
         Ok(removed)
     }
 
-    /// Adds one to a daily cache counter in Postgres (for `stats`); failures are logged only.
-    pub async fn record_event(&self, name: &str, dimension: &str) {
-        let recorded = sqlx::query(
-            "INSERT INTO cache_counters (day, name, dimension, value) VALUES (current_date, $1, $2, 1)
-             ON CONFLICT (day, name, dimension) DO UPDATE SET value = cache_counters.value + 1",
-        )
-        .bind(name)
-        .bind(dimension)
-        .execute(&self.pg)
-        .await;
-        if let Err(e) = recorded {
-            tracing::warn!(error = %e, name, "could not record cache counter");
-        }
-    }
-
     /// Every Redis key of one rubric version, from the Postgres cache table (never a keyspace scan).
     pub async fn keys_for_rubric(
         &self,
@@ -452,5 +437,21 @@ impl CoachingCache {
         .bind(version)
         .fetch_all(&self.pg)
         .await
+    }
+}
+
+/// Adds one to a daily cache counter in Postgres (read by stats and the dashboard); failures
+/// are logged only. `dimension` is `""` for counters that have none.
+pub async fn record_counter(pg: &PgPool, name: &str, dimension: &str) {
+    let recorded = sqlx::query(
+        "INSERT INTO cache_counters (day, name, dimension, value) VALUES (current_date, $1, $2, 1)
+         ON CONFLICT (day, name, dimension) DO UPDATE SET value = cache_counters.value + 1",
+    )
+    .bind(name)
+    .bind(dimension)
+    .execute(pg)
+    .await;
+    if let Err(e) = recorded {
+        tracing::warn!(error = %e, name, "could not record cache counter");
     }
 }

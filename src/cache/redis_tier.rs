@@ -9,6 +9,7 @@
 
 use crate::telemetry::names;
 use redis::aio::ConnectionManager;
+use sqlx::PgPool;
 use std::{
     sync::{
         Arc,
@@ -87,14 +88,16 @@ pub struct RedisTier {
     conn: ConnectionManager,
     timeout: Duration,
     breaker: Arc<Breaker>,
+    pg: PgPool,
 }
 
 impl RedisTier {
-    /// Wraps a connection.
-    pub fn new(conn: ConnectionManager, timeout: Duration) -> Self {
+    /// Wraps a connection; breaker openings are also counted in Postgres through `pg`.
+    pub fn new(conn: ConnectionManager, timeout: Duration, pg: PgPool) -> Self {
         Self {
             conn,
             timeout,
+            pg,
             breaker: Arc::new(Breaker::default()),
         }
     }
@@ -150,6 +153,8 @@ impl RedisTier {
         metrics::counter!(names::CACHE_ERRORS, "tier" => "redis").increment(1);
         tracing::debug!(%message, "redis cache command failed");
         if self.breaker.failure() {
+            let pg = self.pg.clone();
+            tokio::spawn(async move { super::record_counter(&pg, "breaker_open", "").await });
             tokio::spawn(probe(self.conn.clone(), self.breaker.clone()));
         }
         RedisSkip::Failed(message)

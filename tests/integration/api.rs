@@ -156,3 +156,35 @@ async fn idempotency_key_returns_the_first_job() {
         .unwrap();
     assert_eq!(jobs, 1);
 }
+
+#[tokio::test]
+async fn coaching_sessions_have_partitions_ahead_and_a_default() {
+    let app = spawn_app().await;
+    let partitions: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'coaching_sessions'::regclass ORDER BY 1",
+    )
+    .fetch_all(&app.app.pg)
+    .await
+    .unwrap();
+    assert!(partitions.contains(&"coaching_sessions_default".to_string()));
+    let this_month = chrono::Utc::now()
+        .format("coaching_sessions_%Y_%m")
+        .to_string();
+    assert!(partitions.contains(&this_month), "{partitions:?}");
+    assert_eq!(
+        partitions.len(),
+        5,
+        "current month, three ahead, default: {partitions:?}"
+    );
+    // A row far outside every monthly partition still lands (in the default one).
+    sqlx::query(
+        "INSERT INTO coaching_sessions (id, call_id, rep_email, dimension, rubric_version, cache_key,
+             score, result, created_at)
+         VALUES ($1, $1, 'a@b.c', 'discovery', '1', 'k', 50, '{}', '2031-06-01')",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .execute(&app.app.pg)
+    .await
+    .unwrap();
+}

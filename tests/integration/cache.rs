@@ -198,6 +198,18 @@ async fn redis_down_at_start_up_then_back() {
     assert_eq!(app.run_sources(call_id).await, ["llm", "postgres"]);
     assert_eq!(app.emulator.messages_served(), 1);
     assert_eq!(cold.jobs.cache.breaker_state(), cache::BreakerState::Open);
+    let mut opened: Option<i64> = None;
+    for _ in 0..40 {
+        opened = sqlx::query_scalar("SELECT value FROM cache_counters WHERE name = 'breaker_open'")
+            .fetch_optional(&app.app.pg)
+            .await
+            .unwrap();
+        if opened.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(opened, Some(1), "the opening is counted once");
     app.redis.restart().await;
     // Once the breaker's open period ends, the next call probes Redis and uses it again.
     wait_for_breaker_to_close(&cold).await;
@@ -446,4 +458,19 @@ async fn two_hundred_concurrent_reads_share_a_pool_of_fifty() {
         .filter(|r| matches!(r, Ok(Some((_, Tier::Redis)))))
         .count();
     assert_eq!(redis_hits, 200);
+}
+
+#[tokio::test]
+async fn redis_entries_carry_the_configured_ttl() {
+    let app = spawn_app_with(Options {
+        env: vec![("CACHE_TTL_DAYS", "7".into())],
+        ..Default::default()
+    })
+    .await;
+    let call_id = app.ingest(&sample_call("ttl")).await;
+    app.perform(&app.app, call_id, &[DISC]).await;
+    let key = key_for(&app, call_id, DISC).await;
+    let mut conn = app.redis.conn().await;
+    let ttl: i64 = conn.ttl(key.to_string()).await.unwrap();
+    assert!((7 * 86_400 - 60..=7 * 86_400).contains(&ttl), "{ttl}");
 }
