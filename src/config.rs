@@ -85,6 +85,9 @@ pub struct Settings {
     pub worker_poll: Duration,
     /// How often the outbox relay looks for undelivered jobs (`RELAY_INTERVAL_MS`, default 1000).
     pub relay_interval: Duration,
+    /// A delivered job not started this long after its due time is pushed again
+    /// (`REDELIVER_AFTER_SECS`, default 60): Redis may have lost it.
+    pub redeliver_after: Duration,
 }
 
 impl Settings {
@@ -146,6 +149,7 @@ impl Settings {
             job_max_attempts: positive(get, "JOB_MAX_ATTEMPTS", 5)?,
             worker_poll: Duration::from_millis(positive(get, "WORKER_POLL_MS", 50)?),
             relay_interval: Duration::from_millis(positive(get, "RELAY_INTERVAL_MS", 1000)?),
+            redeliver_after: Duration::from_secs(positive(get, "REDELIVER_AFTER_SECS", 60)?),
         };
         Ok(settings)
     }

@@ -133,6 +133,7 @@ impl App {
     pub async fn run_worker(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let relay = tokio::spawn(self.queue.clone().run_relay(
             self.settings.relay_interval,
+            self.settings.redeliver_after,
             shutdown.clone().cancelled_owned(),
         ));
         let options = worker::WorkerOptions {

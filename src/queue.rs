@@ -198,13 +198,12 @@ impl Queue {
                 return false;
             }
         }
-        let marked = sqlx::query(
-            "UPDATE jobs SET delivered_at = now() WHERE id = $1 AND delivery = $2 AND delivered_at IS NULL",
-        )
-        .bind(job_id)
-        .bind(delivery)
-        .execute(&self.pg)
-        .await;
+        let marked =
+            sqlx::query("UPDATE jobs SET delivered_at = now() WHERE id = $1 AND delivery = $2")
+                .bind(job_id)
+                .bind(delivery)
+                .execute(&self.pg)
+                .await;
         if let Err(e) = marked {
             // Harmless: the relay will push again and apalis drops the duplicate task id.
             tracing::warn!(%job_id, error = %e, "could not mark job delivered");
@@ -212,15 +211,21 @@ impl Queue {
         true
     }
 
-    /// One pass of the outbox relay: pushes ledger rows that are due but were never delivered
-    /// (Redis was down, or the producer died between insert and push). Returns how many it pushed.
-    pub async fn relay_once(&self) -> anyhow::Result<usize> {
+    /// One pass of the outbox relay. It pushes ledger rows that were never delivered (Redis
+    /// was down, or the producer died between insert and push), and re-pushes rows delivered
+    /// but still not started `redeliver_after` past their due time (Redis lost them, e.g. a
+    /// restart without persistence; if Redis still has the task, the push is a no-op).
+    /// Returns how many it pushed.
+    pub async fn relay_once(&self, redeliver_after: Duration) -> anyhow::Result<usize> {
         let rows = sqlx::query(
             "SELECT id, kind, payload, delivery, run_at FROM jobs
-             WHERE delivered_at IS NULL AND status IN ('queued', 'snoozed')
-               AND updated_at < now() - interval '2 seconds'
+             WHERE status IN ('queued', 'snoozed')
+               AND ((delivered_at IS NULL AND updated_at < now() - interval '2 seconds')
+                 OR (delivered_at < now() - make_interval(secs => $1)
+                     AND run_at < now() - make_interval(secs => $1)))
              ORDER BY enqueued_at LIMIT 500",
         )
+        .bind(redeliver_after.as_secs_f64())
         .fetch_all(&self.pg)
         .await?;
         let mut pushed = 0;
@@ -265,15 +270,20 @@ impl Queue {
         .map(|_| ())
     }
 
-    /// Runs the relay until `shutdown` resolves.
-    pub async fn run_relay(self, every: Duration, shutdown: impl std::future::Future<Output = ()>) {
+    /// Runs the relay every `every` until `shutdown` resolves.
+    pub async fn run_relay(
+        self,
+        every: Duration,
+        redeliver_after: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(every);
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tick.tick() => {
-                    if let Err(e) = self.relay_once().await {
+                    if let Err(e) = self.relay_once(redeliver_after).await {
                         tracing::warn!(error = %e, "relay pass failed");
                     }
                 }

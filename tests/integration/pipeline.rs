@@ -170,7 +170,8 @@ async fn malformed_model_output_fails_the_job_clearly() {
 #[tokio::test]
 async fn llm_throttling_snoozes_without_using_attempts() {
     let mut app = spawn_app().await;
-    app.emulator.inject_failures(429, 2);
+    app.emulator.inject_failures(429, 1);
+    app.emulator.inject_failures(529, 1);
     app.start_worker();
     let call_id = app.ingest(&sample_call("throttled")).await;
     let job_id = app.enqueue(call_id, &["discovery"]).await;

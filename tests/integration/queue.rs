@@ -1,7 +1,7 @@
 //! Queue guarantees that apalis-redis alone does not give: crash recovery of a killed worker's
 //! jobs, and surviving a backlog larger than Redis' Lua unpack limit.
 
-use crate::helpers::{Options, sample_call, spawn_app_with};
+use crate::helpers::{Options, sample_call, spawn_app, spawn_app_with};
 use apalis::prelude::TaskSink;
 use callcoach::{
     jobs::AnalyzeCall,
@@ -91,4 +91,58 @@ async fn a_backlog_beyond_the_lua_unpack_limit_is_drained() {
     // The worker is still alive and runs real jobs.
     let job_id = app.enqueue(call_id, &["discovery"]).await;
     assert_eq!(app.wait_for_job(job_id, 30).await["status"], "succeeded");
+}
+
+#[tokio::test]
+async fn jobs_lost_by_a_redis_restart_are_delivered_again() {
+    let mut app = spawn_app().await;
+    let lost_call = app.ingest(&sample_call("lost")).await;
+    let lost = app.enqueue(lost_call, &["discovery"]).await;
+    // Redis restarts without persistence: the delivered task is gone.
+    app.redis.stop();
+    app.redis.restart().await;
+    let kept_call = app.ingest(&sample_call("kept")).await;
+    let kept = app.enqueue(kept_call, &["discovery"]).await;
+    // Both were due long ago and never started.
+    sqlx::query(
+        "UPDATE jobs SET delivered_at = now() - interval '5 minutes', run_at = now() - interval '5 minutes'",
+    )
+    .execute(&app.app.pg)
+    .await
+    .unwrap();
+    app.start_worker();
+    for (job_id, call_id) in [(lost, lost_call), (kept, kept_call)] {
+        let job = app.wait_for_job(job_id, 30).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1, "pushed again, run once: {job}");
+        assert_eq!(app.session_count(call_id, "discovery").await, 1);
+    }
+}
+
+#[tokio::test]
+async fn workers_survive_postgres_dropping_every_connection() {
+    let mut app = spawn_app().await;
+    app.start_worker();
+    let call_id = app.ingest(&sample_call("pg-restart")).await;
+    let first = app.enqueue(call_id, &["discovery"]).await;
+    assert_eq!(app.wait_for_job(first, 30).await["status"], "succeeded");
+    // What clients see of a Postgres restart: every connection is cut.
+    let admin = sqlx::PgPool::connect(&std::env::var("CALLCOACH_TEST_ADMIN_URL").unwrap())
+        .await
+        .unwrap();
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&app.app.pg)
+        .await
+        .unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(&database)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty());
+    let second = app.enqueue(call_id, &["engagement"]).await;
+    let job = app.wait_for_job(second, 30).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
 }
