@@ -17,6 +17,7 @@ pub mod db;
 pub mod demo;
 pub mod http;
 pub mod jobs;
+pub mod ledger;
 pub mod llm;
 pub mod model;
 pub mod queue;
@@ -63,6 +64,7 @@ pub fn redis_connection(url: &str, max_connections: usize) -> anyhow::Result<Con
 
 impl App {
     /// Wires the application. Does not migrate and does not need Redis or Postgres to be up.
+    /// Must be called inside a tokio runtime (it starts the ledger writer task).
     pub fn build(settings: Settings) -> anyhow::Result<App> {
         let settings = Arc::new(settings);
         let pg = db::pool(
@@ -94,6 +96,7 @@ impl App {
             cache,
             llm,
             queue: queue.clone(),
+            ledger: ledger::Ledger::start(pg.clone()),
             settings: settings.clone(),
         };
         Ok(App {

@@ -12,12 +12,13 @@ pub mod invalidate_rubric;
 use crate::{
     cache::CoachingCache,
     config::Settings,
+    ledger::{Finish, Ledger, LedgerError},
     llm::LlmClient,
     queue::{Envelope, Queue},
     telemetry::names,
 };
 use serde::{Serialize, de::DeserializeOwned};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use std::{future::Future, sync::Arc, time::Duration};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -39,6 +40,8 @@ pub struct JobContext {
     pub llm: LlmClient,
     /// Producer handle (retries, follow-up jobs).
     pub queue: Queue,
+    /// Grouped writer of job claims and outcomes.
+    pub ledger: Ledger,
     /// Process settings.
     pub settings: Arc<Settings>,
 }
@@ -114,40 +117,22 @@ pub fn backoff(attempt: i32) -> Duration {
     Duration::from_millis(base * 1000 + jitter)
 }
 
-/// Claims a delivery in the ledger. Returns the attempt number and budget, or `None` when the
-/// delivery is stale (job finished, cancelled, or superseded by a newer delivery).
-async fn claim(pg: &PgPool, id: Uuid, delivery: i32) -> sqlx::Result<Option<(i32, i32)>> {
-    let row = sqlx::query(
-        "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = now(), updated_at = now()
-         WHERE id = $1 AND delivery = $2 AND status IN ('queued', 'running', 'snoozed')
-         RETURNING attempts, max_attempts",
-    )
-    .bind(id)
-    .bind(delivery)
-    .fetch_optional(pg)
-    .await?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
-}
-
-/// Records a terminal status.
+/// Records a terminal status through the grouped ledger writer.
 async fn finish(
-    pg: &PgPool,
+    ctx: &JobContext,
     id: Uuid,
-    status: &str,
-    result: Option<&serde_json::Value>,
-    error: Option<&str>,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE jobs SET status = $2, result = $3, last_error = $4, finished_at = now(), updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(status)
-    .bind(result)
-    .bind(error)
-    .execute(pg)
-    .await
-    .map(|_| ())
+    status: &'static str,
+    result: Option<serde_json::Value>,
+    error: Option<String>,
+) -> Result<(), LedgerError> {
+    ctx.ledger
+        .finish(Finish {
+            id,
+            status,
+            result,
+            error,
+        })
+        .await
 }
 
 /// Schedules the next delivery of a job (retry or snooze) and pushes it.
@@ -188,19 +173,14 @@ pub async fn perform_job<J: Job>(
 ) -> anyhow::Result<&'static str> {
     let span = tracing::info_span!("job", kind = J::JOB_NAME, job_id = %env.job_id, delivery = env.delivery);
     async move {
-        let Some((attempt, max_attempts)) = claim(&ctx.pg, env.job_id, env.delivery).await? else {
+        let Some((attempt, max_attempts)) = ctx.ledger.claim(env.job_id, env.delivery).await?
+        else {
             tracing::info!("stale delivery skipped");
             return Ok("skipped");
         };
         if attempt > max_attempts {
-            finish(
-                &ctx.pg,
-                env.job_id,
-                "failed",
-                None,
-                Some("attempt budget exhausted"),
-            )
-            .await?;
+            let exhausted = Some("attempt budget exhausted".to_string());
+            finish(ctx, env.job_id, "failed", None, exhausted).await?;
             return Ok("failed");
         }
         let started = std::time::Instant::now();
@@ -222,10 +202,10 @@ async fn record_outcome<J: Job>(
     attempt: i32,
     max_attempts: i32,
     outcome: Result<serde_json::Value, JobError>,
-) -> sqlx::Result<&'static str> {
+) -> anyhow::Result<&'static str> {
     let label = match outcome {
         Ok(result) => {
-            finish(&ctx.pg, env.job_id, "succeeded", Some(&result), None).await?;
+            finish(ctx, env.job_id, "succeeded", Some(result), None).await?;
             "succeeded"
         }
         Err(JobError::Retry(e)) if attempt < max_attempts => {
@@ -240,12 +220,12 @@ async fn record_outcome<J: Job>(
             "snoozed"
         }
         Err(JobError::Cancel(reason)) => {
-            finish(&ctx.pg, env.job_id, "cancelled", None, Some(&reason)).await?;
+            finish(ctx, env.job_id, "cancelled", None, Some(reason)).await?;
             "cancelled"
         }
         Err(e @ (JobError::Retry(_) | JobError::Fail(_))) => {
             tracing::error!(error = %e, attempt, "job failed permanently");
-            finish(&ctx.pg, env.job_id, "failed", None, Some(&e.to_string())).await?;
+            finish(ctx, env.job_id, "failed", None, Some(e.to_string())).await?;
             "failed"
         }
     };

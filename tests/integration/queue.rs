@@ -146,3 +146,51 @@ async fn workers_survive_postgres_dropping_every_connection() {
     let job = app.wait_for_job(second, 30).await;
     assert_eq!(job["status"], "succeeded", "{job}");
 }
+
+#[tokio::test]
+async fn grouped_ledger_writes_answer_each_caller_correctly() {
+    use callcoach::ledger::Finish;
+    let app = spawn_app().await;
+    let pg = &app.app.pg;
+    let mut expected = Vec::new();
+    for i in 0..300 {
+        let id = Uuid::new_v4();
+        // A third is finished already, a third is claimed with a stale delivery number.
+        let status = if i % 3 == 0 { "succeeded" } else { "queued" };
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, status, max_attempts) VALUES ($1, 'analyze_call', '{}', $2, 4)",
+        )
+        .bind(id)
+        .bind(status)
+        .execute(pg)
+        .await
+        .unwrap();
+        let delivery = if i % 3 == 1 { 7 } else { 0 };
+        expected.push((id, delivery, i % 3 == 2));
+    }
+    let ledger = &app.app.jobs.ledger;
+    let claims = expected.iter().map(|(id, d, _)| ledger.claim(*id, *d));
+    let answers = futures::future::join_all(claims).await;
+    for ((_, _, claimable), answer) in expected.iter().zip(answers) {
+        let answer = answer.unwrap();
+        assert_eq!(answer, claimable.then_some((1, 4)));
+    }
+    let finishes = expected.iter().map(|(id, _, _)| {
+        ledger.finish(Finish {
+            id: *id,
+            status: "failed",
+            result: None,
+            error: Some(format!("error of {id}")),
+        })
+    });
+    for written in futures::future::join_all(finishes).await {
+        written.unwrap();
+    }
+    let mismatched: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE status <> 'failed' OR last_error <> 'error of ' || id",
+    )
+    .fetch_one(pg)
+    .await
+    .unwrap();
+    assert_eq!(mismatched, 0);
+}
