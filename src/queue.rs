@@ -165,6 +165,57 @@ impl Queue {
         })
     }
 
+    /// Records many jobs with one ledger statement, pushes them to Redis in one batch and marks
+    /// them delivered with one more statement. Returns their ids in order. As with
+    /// [`Queue::enqueue`], jobs that could not be pushed are left to the relay.
+    pub async fn enqueue_many<J: Job>(&self, args: Vec<J>) -> Result<Vec<Uuid>, QueueError> {
+        let ids: Vec<Uuid> = args.iter().map(|_| Uuid::now_v7()).collect();
+        let payloads = args
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "INSERT INTO jobs (id, kind, payload, max_attempts)
+             SELECT id, $3, payload, $4 FROM unnest($1::uuid[], $2::jsonb[]) AS t(id, payload)",
+        )
+        .bind(&ids)
+        .bind(&payloads)
+        .bind(J::JOB_NAME)
+        .bind(self.max_attempts)
+        .execute(&self.pg)
+        .await?;
+        metrics::counter!(crate::telemetry::names::JOBS_ENQUEUED, "kind" => J::JOB_NAME)
+            .increment(ids.len() as u64);
+        let tasks = ids
+            .iter()
+            .zip(args)
+            .map(|(id, args)| {
+                let envelope = Envelope {
+                    job_id: *id,
+                    delivery: 0,
+                    args,
+                };
+                TaskBuilder::new(envelope)
+                    .task_id(TaskId::from_string(task_id(*id, 0)))
+                    .build()
+            })
+            .collect::<Vec<_>>();
+        let mut store = storage::<J>(self.redis.clone());
+        let mut tasks = futures::stream::iter(tasks);
+        match store.push_all(&mut tasks).await {
+            Ok(()) => wake(&self.redis, J::JOB_NAME).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "bulk push to redis failed; the relay will deliver");
+                return Ok(ids);
+            }
+        }
+        sqlx::query("UPDATE jobs SET delivered_at = now() WHERE id = ANY($1) AND delivery = 0")
+            .bind(&ids)
+            .execute(&self.pg)
+            .await?;
+        Ok(ids)
+    }
+
     /// Pushes one delivery to Redis and marks the ledger row delivered. Returns false (and leaves
     /// the row for the relay) if Redis is unreachable.
     pub async fn deliver<J: Job>(

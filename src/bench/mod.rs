@@ -20,6 +20,9 @@ pub enum BenchCommand {
         /// Pick-up latency samples.
         #[arg(long, default_value_t = 200)]
         samples: usize,
+        /// Go through the Postgres job ledger, as producers' jobs do (needs DATABASE_URL).
+        #[arg(long)]
+        ledger: bool,
     },
     /// Cache get latency per tier and throughput against raw Redis GET; codec figures.
     Cache {
@@ -40,7 +43,8 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             jobs,
             concurrency,
             samples,
-        } => queue::run(&settings, jobs, concurrency, samples).await?,
+            ledger,
+        } => queue::run(settings, jobs, concurrency, samples, ledger).await?,
         BenchCommand::Cache {
             iterations,
             clients,
