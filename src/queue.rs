@@ -341,16 +341,6 @@ impl Queue {
             }
         }
     }
-
-    /// The Postgres pool behind the ledger.
-    pub fn pg(&self) -> &PgPool {
-        &self.pg
-    }
-
-    /// The Redis connection used for deliveries.
-    pub fn redis(&self) -> &ConnectionManager {
-        &self.redis
-    }
 }
 
 /// A ledger row as shown by `GET /v1/jobs/{id}` and `callcoach jobs show`.

@@ -3,8 +3,8 @@
 //! A job kind is a serde payload implementing [`Job`] with a stable `JOB_NAME` (its queue and
 //! ledger name). [`perform_job`] wraps every kind with the ledger protocol: claim the row, run,
 //! then record the [`JobError`] outcome (retry with backoff, snooze without using an attempt,
-//! cancel, or fail). The registration list is [`KINDS`] plus the `match` in [`deliver_raw`] and
-//! `worker::run`.
+//! cancel, or fail). A new kind is registered in two places: the `match` in [`deliver_raw`]
+//! (relay) and `worker::run` (consumers).
 
 pub mod analyze_call;
 pub mod invalidate_rubric;
@@ -25,9 +25,6 @@ use uuid::Uuid;
 
 pub use analyze_call::AnalyzeCall;
 pub use invalidate_rubric::InvalidateRubric;
-
-/// Every job kind, by stable name.
-pub const KINDS: &[&str] = &[AnalyzeCall::JOB_NAME, InvalidateRubric::JOB_NAME];
 
 /// Everything a job may use, shared by all jobs of a worker.
 #[derive(Clone)]
