@@ -23,7 +23,11 @@ enum Command {
     /// HTTP front: ingest, enqueue, status, /metrics, /healthz, /readyz.
     Web,
     /// Consume every job queue (and run the outbox relay).
-    Worker,
+    Worker {
+        /// Jobs run at once per kind (overrides WORKER_CONCURRENCY).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: Option<u16>,
+    },
     /// Web and worker in one process.
     All,
     /// Apply database migrations and load seed rubrics and knowledge base.
@@ -128,14 +132,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => return callcoach::demo::run(args).await,
         _ => {}
     }
-    let settings = Settings::from_env()?;
+    let mut settings = Settings::from_env()?;
+    if let Command::Worker {
+        concurrency: Some(n),
+    } = cli.command
+    {
+        settings.worker_concurrency = usize::from(n);
+    }
     let app = App::build(settings)?;
     match cli.command {
         Command::Web => {
             let listener = bind(&app.settings.bind_addr).await?;
             app.serve(listener, shutdown_on_signal()).await
         }
-        Command::Worker => app.run_worker(shutdown_on_signal()).await,
+        Command::Worker { .. } => app.run_worker(shutdown_on_signal()).await,
         Command::All => {
             let token = shutdown_on_signal();
             let listener = bind(&app.settings.bind_addr).await?;

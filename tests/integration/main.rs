@@ -3,6 +3,7 @@
 
 mod api;
 mod cache;
+mod cli;
 mod helpers;
 mod pipeline;
 mod queue;

@@ -1,0 +1,103 @@
+//! The `callcoach` binary: bad input gives a clear message and a non-zero exit; the producer
+//! and key tools work against a real database.
+
+use crate::helpers::{sample_call, spawn_app};
+use std::process::{Command, Output};
+
+fn callcoach(env: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_callcoach"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .expect("run callcoach")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_configuration_names_the_variable() {
+    let out = callcoach(&[("DATABASE_URL", "mysql://x/y")], &["migrate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("DATABASE_URL"), "{}", stderr(&out));
+    let out = callcoach(
+        &[("DATABASE_URL", "postgres://x/y"), ("CACHE_TTL_DAYS", "0")],
+        &["migrate"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("CACHE_TTL_DAYS"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_arguments_are_usage_errors() {
+    for args in [
+        vec!["enqueue", "analysis", "--call-id", "nope"],
+        vec![
+            "enqueue",
+            "analysis",
+            "--call-id",
+            "01a2131b-0c74-71e0-a65e-a23d3eaab713",
+            "--dimension",
+            "closing",
+        ],
+        vec!["apikey", "create", "--name", "x", "--scope", "root"],
+        vec!["worker", "--concurrency", "0"],
+        vec!["no-such-command"],
+    ] {
+        let out = callcoach(&[], &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains("error"), "{args:?}: {}", stderr(&out));
+    }
+}
+
+#[tokio::test]
+async fn key_enqueue_and_job_tools_work_on_a_real_database() {
+    let app = spawn_app().await;
+    let db = app.env["DATABASE_URL"].clone();
+    let redis = app.env["REDIS_URL"].clone();
+    let env = [("DATABASE_URL", db.as_str()), ("REDIS_URL", redis.as_str())];
+    let out = callcoach(
+        &env,
+        &["apikey", "create", "--name", "ops-bot", "--scope", "ops"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let resp = app
+        .http
+        .get(app.url("/metrics"))
+        .bearer_auth(key["key"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the printed key authenticates as ops");
+    let call_id = app.ingest(&sample_call("cli")).await.to_string();
+    let out = callcoach(
+        &env,
+        &[
+            "enqueue",
+            "analysis",
+            "--call-id",
+            &call_id,
+            "--dimension",
+            "discovery",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let enqueued: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job_id = enqueued["job_id"].as_str().unwrap();
+    let out = callcoach(&env, &["jobs", "show", job_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["kind"], "analyze_call");
+    assert_eq!(job["payload"]["dimensions"][0], "discovery");
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let out = callcoach(&env, &["jobs", "show", &unknown]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    let out = callcoach(&env, &["enqueue", "analysis", "--call-id", &unknown]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+}
