@@ -70,6 +70,25 @@ enum JobsCommand {
         /// Job id.
         id: Uuid,
     },
+    /// List the newest jobs, one line each.
+    List {
+        /// Only jobs with this status (queued, running, succeeded, failed, cancelled, snoozed).
+        #[arg(long, value_parser = ["queued", "running", "succeeded", "failed", "cancelled", "snoozed"])]
+        status: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+    },
+    /// Replay a failed or cancelled job with a fresh attempt budget.
+    Retry {
+        /// Job id.
+        id: Uuid,
+    },
+    /// Cancel a job that has not started.
+    Cancel {
+        /// Job id.
+        id: Uuid,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,13 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&enqueued)?);
             Ok(())
         }
-        Command::Jobs(JobsCommand::Show { id }) => {
-            let job = callcoach::queue::job(&app.pg, id)
-                .await?
-                .with_context(|| format!("job {id} does not exist"))?;
-            println!("{}", serde_json::to_string_pretty(&job)?);
-            Ok(())
-        }
+        Command::Jobs(cmd) => run_jobs_command(&app, cmd).await,
         Command::Apikey(ApikeyCommand::Create { name, scope }) => {
             let key = auth::create_key(&app.pg, &name, scope).await?;
             println!("{}", serde_json::to_string_pretty(&key)?);
@@ -193,6 +206,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::LlmEmulator(_) | Command::Bench(_) | Command::Demo(_) => unreachable!(),
     }
+}
+
+async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
+    let existing = |id: Uuid| async move {
+        callcoach::queue::job(&app.pg, id)
+            .await?
+            .with_context(|| format!("job {id} does not exist"))
+    };
+    match cmd {
+        JobsCommand::Show { id } => {
+            println!("{}", serde_json::to_string_pretty(&existing(id).await?)?);
+        }
+        JobsCommand::List { status, limit } => {
+            for job in callcoach::queue::jobs(&app.pg, status.as_deref(), limit).await? {
+                let error = job.last_error.unwrap_or_default();
+                let error: String = error.chars().take(60).collect();
+                println!(
+                    "{}  {:<18} {:<10} attempts {}/{}  {}  {error}",
+                    job.id, job.kind, job.status, job.attempts, job.max_attempts, job.enqueued_at
+                );
+            }
+        }
+        JobsCommand::Retry { id } => {
+            let job = existing(id).await?;
+            if !app.queue.retry(id).await? {
+                anyhow::bail!(
+                    "job {id} is {}; only failed or cancelled jobs can be retried",
+                    job.status
+                );
+            }
+            println!("job {id} queued again");
+        }
+        JobsCommand::Cancel { id } => {
+            let job = existing(id).await?;
+            if !app.queue.cancel(id).await? {
+                anyhow::bail!(
+                    "job {id} is {}; only queued or snoozed jobs can be cancelled",
+                    job.status
+                );
+            }
+            println!("job {id} cancelled");
+        }
+    }
+    Ok(())
 }
 
 async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {

@@ -310,6 +310,48 @@ impl Queue {
         Ok(pushed)
     }
 
+    /// Replays a failed or cancelled job (the dead-letter queue): a fresh attempt budget and a
+    /// new delivery. Returns false if the job is not failed or cancelled.
+    pub async fn retry(&self, id: Uuid) -> anyhow::Result<bool> {
+        let row = sqlx::query(
+            "UPDATE jobs SET status = 'queued', attempts = 0, delivery = delivery + 1,
+                    delivered_at = NULL, run_at = now(), finished_at = NULL, updated_at = now()
+             WHERE id = $1 AND status IN ('failed', 'cancelled')
+             RETURNING kind, payload, delivery",
+        )
+        .bind(id)
+        .fetch_optional(&self.pg)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let kind: String = row.get("kind");
+        jobs::deliver_raw(
+            self,
+            &kind,
+            id,
+            row.get("delivery"),
+            row.get("payload"),
+            Duration::ZERO,
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// Cancels a job that has not started (queued or snoozed); a delivery already in Redis is
+    /// skipped when it arrives. Returns false if the job is in another state.
+    pub async fn cancel(&self, id: Uuid) -> sqlx::Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET status = 'cancelled', last_error = 'cancelled by an operator',
+                    finished_at = now(), updated_at = now()
+             WHERE id = $1 AND status IN ('queued', 'snoozed')",
+        )
+        .bind(id)
+        .execute(&self.pg)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn fail_undeliverable(&self, id: Uuid, error: &str) -> sqlx::Result<()> {
         sqlx::query(
             "UPDATE jobs SET status = 'failed', last_error = $2, finished_at = now(), updated_at = now() WHERE id = $1",
@@ -381,7 +423,25 @@ pub async fn job(pg: &PgPool, id: Uuid) -> sqlx::Result<Option<JobRow>> {
     .bind(id)
     .fetch_optional(pg)
     .await?;
-    Ok(row.map(|r| JobRow {
+    Ok(row.map(job_row))
+}
+
+/// The newest ledger rows, optionally only those with one status.
+pub async fn jobs(pg: &PgPool, status: Option<&str>, limit: i64) -> sqlx::Result<Vec<JobRow>> {
+    let rows = sqlx::query(
+        "SELECT id, kind, status, payload, attempts, max_attempts, last_error, result, enqueued_at,
+                delivered_at, started_at, finished_at FROM jobs
+         WHERE $1::text IS NULL OR status = $1 ORDER BY enqueued_at DESC LIMIT $2",
+    )
+    .bind(status)
+    .bind(limit)
+    .fetch_all(pg)
+    .await?;
+    Ok(rows.into_iter().map(job_row).collect())
+}
+
+fn job_row(r: sqlx::postgres::PgRow) -> JobRow {
+    JobRow {
         id: r.get("id"),
         kind: r.get("kind"),
         status: r.get("status"),
@@ -394,5 +454,5 @@ pub async fn job(pg: &PgPool, id: Uuid) -> sqlx::Result<Option<JobRow>> {
         delivered_at: r.get("delivered_at"),
         started_at: r.get("started_at"),
         finished_at: r.get("finished_at"),
-    }))
+    }
 }

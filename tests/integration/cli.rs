@@ -101,3 +101,41 @@ async fn key_enqueue_and_job_tools_work_on_a_real_database() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn failed_jobs_are_replayed_and_queued_jobs_cancelled() {
+    let mut app = crate::helpers::spawn_app_with(crate::helpers::Options {
+        env: vec![("JOB_MAX_ATTEMPTS", "1".into())],
+        ..Default::default()
+    })
+    .await;
+    let db = app.env["DATABASE_URL"].clone();
+    let redis = app.env["REDIS_URL"].clone();
+    let env = [("DATABASE_URL", db.as_str()), ("REDIS_URL", redis.as_str())];
+    // A job cancelled before any worker runs stays cancelled.
+    let call_id = app.ingest(&sample_call("cancel")).await;
+    let cancelled = app.enqueue(call_id, &["engagement"]).await.to_string();
+    let out = callcoach(&env, &["jobs", "cancel", &cancelled]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A job that fails for good lands in the dead-letter list and can be replayed.
+    app.emulator.inject_failures(500, 1);
+    app.start_worker();
+    let failed = app.enqueue(call_id, &["discovery"]).await;
+    assert_eq!(app.wait_for_job(failed, 30).await["status"], "failed");
+    let out = callcoach(&env, &["jobs", "list", "--status", "failed"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&failed.to_string()));
+    let out = callcoach(&env, &["jobs", "retry", &failed.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job = app.wait_for_job(failed, 30).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1, "a fresh budget: {job}");
+    // Only failed or cancelled jobs replay; only unstarted jobs cancel.
+    let out = callcoach(&env, &["jobs", "retry", &failed.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("succeeded"), "{}", stderr(&out));
+    let out = callcoach(&env, &["jobs", "cancel", &failed.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let (_, job) = app.get(&format!("/v1/jobs/{cancelled}")).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert_eq!(app.session_count(call_id, "engagement").await, 0);
+}
