@@ -26,55 +26,36 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     seed(pool).await
 }
 
-#[derive(Deserialize)]
-struct SeedRubric {
-    role: String,
-    dimension: String,
-    version: String,
-    criteria: String,
-}
-
-#[derive(Deserialize)]
-struct SeedKnowledge {
-    product: String,
-    category: String,
-    version: String,
-    content: String,
-}
-
-/// Inserts the rubrics and knowledge base shipped in `jobs/seed/` unless a version exists.
+/// Inserts the rubrics and knowledge base shipped in `jobs/seed/`, each entry unless its
+/// role + dimension (or product + category) already has a version. One statement per file.
 async fn seed(pool: &PgPool) -> anyhow::Result<()> {
-    let rubrics: Vec<SeedRubric> =
+    let rubrics: serde_json::Value =
         serde_json::from_str(include_str!("../jobs/seed/rubrics.json")).context("rubrics.json")?;
-    for r in rubrics {
-        sqlx::query(
-            "INSERT INTO coaching_rubrics (role, dimension, version, criteria, active)
-             SELECT $1, $2, $3, $4, true
-             WHERE NOT EXISTS (SELECT 1 FROM coaching_rubrics WHERE role = $1 AND dimension = $2)",
-        )
-        .bind(&r.role)
-        .bind(&r.dimension)
-        .bind(&r.version)
-        .bind(&r.criteria)
-        .execute(pool)
-        .await?;
-    }
-    let kb: Vec<SeedKnowledge> =
+    sqlx::query(
+        "INSERT INTO coaching_rubrics (role, dimension, version, criteria, active)
+         SELECT s.role, s.dimension, s.version, s.criteria, true
+         FROM jsonb_to_recordset($1) AS s(role text, dimension text, version text, criteria text)
+         WHERE NOT EXISTS (SELECT 1 FROM coaching_rubrics r
+                           WHERE r.role = s.role AND r.dimension = s.dimension)",
+    )
+    .bind(rubrics)
+    .execute(pool)
+    .await
+    .context("seeding rubrics")?;
+    let kb: serde_json::Value =
         serde_json::from_str(include_str!("../jobs/seed/knowledge_base.json"))
             .context("knowledge_base.json")?;
-    for k in kb {
-        sqlx::query(
-            "INSERT INTO knowledge_base (product, category, version, content, active)
-             SELECT $1, $2, $3, $4, true
-             WHERE NOT EXISTS (SELECT 1 FROM knowledge_base WHERE product = $1 AND category = $2)",
-        )
-        .bind(&k.product)
-        .bind(&k.category)
-        .bind(&k.version)
-        .bind(&k.content)
-        .execute(pool)
-        .await?;
-    }
+    sqlx::query(
+        "INSERT INTO knowledge_base (product, category, version, content, active)
+         SELECT s.product, s.category, s.version, s.content, true
+         FROM jsonb_to_recordset($1) AS s(product text, category text, version text, content text)
+         WHERE NOT EXISTS (SELECT 1 FROM knowledge_base k
+                           WHERE k.product = s.product AND k.category = s.category)",
+    )
+    .bind(kb)
+    .execute(pool)
+    .await
+    .context("seeding the knowledge base")?;
     Ok(())
 }
 

@@ -188,3 +188,26 @@ async fn coaching_sessions_have_partitions_ahead_and_a_default() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn seed_data_is_loaded_once() {
+    let app = spawn_app().await;
+    callcoach::db::migrate(&app.app.pg).await.unwrap();
+    let (rubrics, roles, dims): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT role), count(DISTINCT dimension) FROM coaching_rubrics WHERE active",
+    )
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    assert_eq!((rubrics, roles, dims), (12, 3, 4));
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM coaching_rubrics")
+        .fetch_one(&app.app.pg)
+        .await
+        .unwrap();
+    assert_eq!(all, 12, "migrating again adds nothing");
+    let kb: i64 = sqlx::query_scalar("SELECT count(*) FROM knowledge_base WHERE active")
+        .fetch_one(&app.app.pg)
+        .await
+        .unwrap();
+    assert!(kb >= 6, "{kb}");
+}
