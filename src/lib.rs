@@ -62,6 +62,22 @@ pub fn redis_connection(url: &str, max_connections: usize) -> anyhow::Result<Con
     ConnectionManager::new_lazy_with_config(client, config).context("creating Redis connection")
 }
 
+/// Waits until Redis answers PING (each try bounded by 500 ms), trying every 250 ms.
+pub async fn wait_for_redis(mut conn: ConnectionManager) {
+    let ping = redis::cmd("PING");
+    loop {
+        let pong = tokio::time::timeout(
+            Duration::from_millis(500),
+            ping.query_async::<String>(&mut conn),
+        )
+        .await;
+        if let Ok(Ok(_)) = pong {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 impl App {
     /// Wires the application. Does not migrate and does not need Redis or Postgres to be up.
     /// Must be called inside a tokio runtime (it starts the ledger writer task).

@@ -85,6 +85,16 @@ pub fn task_id(job_id: Uuid, delivery: i32) -> String {
     }
 }
 
+/// An apalis task for one delivery of a ledger row, under its delivery's task id.
+fn task<J: Job>(job_id: Uuid, delivery: i32, args: J) -> TaskBuilder<Envelope<J>> {
+    let envelope = Envelope {
+        job_id,
+        delivery,
+        args,
+    };
+    TaskBuilder::new(envelope).task_id(TaskId::from_string(task_id(job_id, delivery)))
+}
+
 /// Errors of the producer side.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -189,16 +199,7 @@ impl Queue {
         let tasks = ids
             .iter()
             .zip(args)
-            .map(|(id, args)| {
-                let envelope = Envelope {
-                    job_id: *id,
-                    delivery: 0,
-                    args,
-                };
-                TaskBuilder::new(envelope)
-                    .task_id(TaskId::from_string(task_id(*id, 0)))
-                    .build()
-            })
+            .map(|(id, args)| task(*id, 0, args).build())
             .collect::<Vec<_>>();
         let mut store = storage::<J>(self.redis.clone());
         let mut tasks = futures::stream::iter(tasks);
@@ -226,13 +227,7 @@ impl Queue {
         delay: Duration,
     ) -> bool {
         let mut store = storage::<J>(self.redis.clone());
-        let envelope = Envelope {
-            job_id,
-            delivery,
-            args,
-        };
-        let mut task =
-            TaskBuilder::new(envelope).task_id(TaskId::from_string(task_id(job_id, delivery)));
+        let mut task = task(job_id, delivery, args);
         if !delay.is_zero() {
             task = task.run_after(delay);
         }

@@ -99,17 +99,6 @@ fn worker_name(kind: &str, restarts: usize) -> String {
     format!("{kind}@{host}-{}-{nonce}-r{restarts}", std::process::id())
 }
 
-/// Waits until Redis answers, polling every 250 ms.
-async fn wait_for_redis(mut conn: ConnectionManager) {
-    loop {
-        let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-        if pong.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// The apalis handler: the ledger protocol around [`Job::perform`].
 async fn handle<J: Job>(env: Envelope<J>, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     perform_job(env, &ctx).await.map(|_| ()).map_err(Into::into)
@@ -172,7 +161,7 @@ fn register<J: Job>(
                 let probe = probe.clone();
                 async move {
                     if restarts > 0 {
-                        wait_for_redis(probe).await;
+                        crate::wait_for_redis(probe).await;
                     }
                     Ok(())
                 }

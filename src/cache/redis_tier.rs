@@ -21,9 +21,6 @@ use std::{
 /// Consecutive failures that open the breaker.
 const FAILURES_TO_OPEN: u32 = 3;
 
-/// Pause between probes while the breaker is open.
-const PROBE_EVERY: Duration = Duration::from_millis(250);
-
 /// Whether the breaker lets calls through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BreakerState {
@@ -161,17 +158,10 @@ impl RedisTier {
     }
 }
 
-/// PINGs Redis until it answers, then closes the breaker.
-async fn probe(mut conn: ConnectionManager, breaker: Arc<Breaker>) {
-    let cmd = redis::cmd("PING");
-    loop {
-        tokio::time::sleep(PROBE_EVERY).await;
-        let ping = cmd.query_async::<String>(&mut conn);
-        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), ping).await {
-            breaker.success();
-            return;
-        }
-    }
+/// Waits until Redis answers, then closes the breaker.
+async fn probe(conn: ConnectionManager, breaker: Arc<Breaker>) {
+    crate::wait_for_redis(conn).await;
+    breaker.success();
 }
 
 #[cfg(test)]
