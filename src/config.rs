@@ -77,16 +77,33 @@ pub struct Settings {
     pub bind_addr: String,
     /// Public base URL used in `status_url` links (`PUBLIC_URL`, default `http://{BIND_ADDR}`).
     pub public_url: String,
-    /// Concurrent jobs per worker process (`WORKER_CONCURRENCY`, default 8).
+    /// Concurrent interactive jobs per worker process (`WORKER_CONCURRENCY`, default 8).
     pub worker_concurrency: usize,
+    /// Concurrent background jobs per worker process (`WORKER_BACKGROUND_CONCURRENCY`,
+    /// default 2): warming and upkeep never take the interactive lane's slots.
+    pub worker_background_concurrency: usize,
+    /// Lease of a running job (`JOB_LEASE_SECS`, default 20): renewed by its worker every
+    /// quarter; when it runs out the rescuer re-delivers the job.
+    pub job_lease: Duration,
+    /// Rescuer period (`RESCUE_INTERVAL_MS`, default 5000).
+    pub rescue_interval: Duration,
+    /// Finished ledger rows are deleted after this (`JOB_RETENTION_DAYS`, default 30).
+    pub job_retention: Duration,
+    /// Pruner period (`PRUNE_INTERVAL_SECS`, default 600).
+    pub prune_interval: Duration,
+    /// How long a stopping worker lets running jobs finish (`WORKER_DRAIN_SECS`, default 30).
+    pub worker_drain: Duration,
+    /// Longest wait for a Postgres connection (`DATABASE_ACQUIRE_TIMEOUT_MS`, default 2000):
+    /// with Postgres down, requests answer 503 after this.
+    pub database_acquire_timeout: Duration,
     /// Attempts before a job is dead-lettered (`JOB_MAX_ATTEMPTS`, default 5).
     pub job_max_attempts: i32,
     /// Idle poll interval of workers (`WORKER_POLL_MS`, default 50).
     pub worker_poll: Duration,
     /// How often the outbox relay looks for undelivered jobs (`RELAY_INTERVAL_MS`, default 1000).
     pub relay_interval: Duration,
-    /// A delivered job not started this long after its due time is pushed again
-    /// (`REDELIVER_AFTER_SECS`, default 60): Redis may have lost it.
+    /// A delivered job not started this long after its due time is checked against Redis and
+    /// re-issued if Redis lost it (`REDELIVER_AFTER_SECS`, default 30).
     pub redeliver_after: Duration,
 }
 
@@ -149,7 +166,20 @@ impl Settings {
             job_max_attempts: positive(get, "JOB_MAX_ATTEMPTS", 5)?,
             worker_poll: Duration::from_millis(positive(get, "WORKER_POLL_MS", 50)?),
             relay_interval: Duration::from_millis(positive(get, "RELAY_INTERVAL_MS", 1000)?),
-            redeliver_after: Duration::from_secs(positive(get, "REDELIVER_AFTER_SECS", 60)?),
+            redeliver_after: Duration::from_secs(positive(get, "REDELIVER_AFTER_SECS", 30)?),
+            worker_background_concurrency: positive(get, "WORKER_BACKGROUND_CONCURRENCY", 2)?,
+            job_lease: Duration::from_secs(positive(get, "JOB_LEASE_SECS", 20)?),
+            rescue_interval: Duration::from_millis(positive(get, "RESCUE_INTERVAL_MS", 5000)?),
+            job_retention: Duration::from_secs(
+                u64::from(positive::<u32>(get, "JOB_RETENTION_DAYS", 30)?) * 86_400,
+            ),
+            prune_interval: Duration::from_secs(positive(get, "PRUNE_INTERVAL_SECS", 600)?),
+            worker_drain: Duration::from_secs(positive(get, "WORKER_DRAIN_SECS", 30)?),
+            database_acquire_timeout: Duration::from_millis(positive(
+                get,
+                "DATABASE_ACQUIRE_TIMEOUT_MS",
+                2000,
+            )?),
         };
         Ok(settings)
     }

@@ -12,10 +12,10 @@ use uuid::Uuid;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./sql/migrations");
 
 /// Opens a pool; connecting is lazy so a process can start while Postgres restarts.
-pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+pub fn pool(url: &str, max_connections: u32, acquire_timeout: Duration) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(acquire_timeout)
         .connect_lazy(url)
         .context("DATABASE_URL is not a valid Postgres URL")
 }
@@ -275,15 +275,17 @@ pub enum RubricUpdate {
     VersionExists,
 }
 
-/// Stores a new rubric version and makes it the active one; old versions stay for history.
+/// Stores a new rubric version and makes it the active one, inside the caller's transaction
+/// (rolled back to its state before the call when the version exists); old versions stay
+/// for history.
 pub async fn replace_rubric(
-    pool: &PgPool,
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     role: Role,
     dim: Dimension,
     version: &str,
     criteria: &str,
 ) -> sqlx::Result<RubricUpdate> {
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Acquire::begin(&mut **tx).await?;
     let previous: Option<String> = sqlx::query_scalar(
         "UPDATE coaching_rubrics SET active = false
          WHERE role = $1 AND dimension = $2 AND active RETURNING version",

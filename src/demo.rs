@@ -50,7 +50,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     });
     let worker = tokio::spawn({
         let (app, token) = (app.clone(), shutdown.clone());
-        async move { app.run_worker(token).await }
+        async move { app.run_worker(&[], token).await }
     });
     let key = auth::create_key(&app.pg, "demo", auth::Scope::Producer).await?;
     let client = DemoClient {

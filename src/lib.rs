@@ -2,9 +2,14 @@
 //!
 //! Architecture, from the outside in:
 //! - [`http`]: the axum front. Producers ingest calls and enqueue analyses; ops read job status.
-//! - [`queue`]: the Postgres job ledger (source of truth, an outbox) and apalis-redis delivery.
-//! - [`worker`]: apalis workers under a restarting monitor, running [`jobs`].
-//! - [`jobs`]: job kinds; `analyze_call` goes through the [`cache`] tiers before the [`llm`].
+//! - [`queue`]: the producer handle: records jobs in the [`ledger`] and pushes them through
+//!   [`delivery`] (apalis-redis lane queues, which know no job kinds).
+//! - [`ledger`]: the `jobs` table, the source of truth: guarded transitions, relay, rescuer,
+//!   pruner.
+//! - [`worker`]: one apalis worker per lane under a restarting monitor, running [`jobs`];
+//!   [`supervise`] restarts background tasks that fail.
+//! - [`jobs`]: the job registry and kinds; `analyze_call` goes through the [`cache`] tiers
+//!   before the [`llm`].
 //! - [`db`]: schema (`sql/migrations`), seed data and queries; [`config`]: typed settings;
 //!   [`telemetry`]: tracing and the metric names.
 //!
@@ -14,6 +19,7 @@ pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod db;
+pub mod delivery;
 pub mod demo;
 pub mod http;
 pub mod jobs;
@@ -21,6 +27,7 @@ pub mod ledger;
 pub mod llm;
 pub mod model;
 pub mod queue;
+pub mod supervise;
 pub mod telemetry;
 pub mod worker;
 
@@ -62,15 +69,11 @@ pub fn redis_connection(url: &str, max_connections: usize) -> anyhow::Result<Con
     ConnectionManager::new_lazy_with_config(client, config).context("creating Redis connection")
 }
 
-/// Waits until Redis answers PING (each try bounded by 500 ms), trying every 250 ms.
-pub async fn wait_for_redis(mut conn: ConnectionManager) {
+/// Waits until Redis answers PING within `within`, trying every 250 ms.
+pub async fn wait_for_redis(mut conn: ConnectionManager, within: Duration) {
     let ping = redis::cmd("PING");
     loop {
-        let pong = tokio::time::timeout(
-            Duration::from_millis(500),
-            ping.query_async::<String>(&mut conn),
-        )
-        .await;
+        let pong = tokio::time::timeout(within, ping.query_async::<String>(&mut conn)).await;
         if let Ok(Ok(_)) = pong {
             return;
         }
@@ -86,9 +89,19 @@ impl App {
         let pg = db::pool(
             settings.database_url.expose(),
             settings.database_max_connections,
+            settings.database_acquire_timeout,
         )?;
         let redis = redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?;
-        let queue = queue::Queue::new(pg.clone(), redis.clone(), settings.job_max_attempts);
+        let queue = queue::Queue::new(
+            pg.clone(),
+            redis.clone(),
+            settings.job_max_attempts,
+            jobs::registry::names(),
+        );
+        let claims = ledger::writer::ClaimSettings {
+            worker: worker::process_name(),
+            lease: settings.job_lease,
+        };
         let llm = llm::LlmClient::new(
             &settings.anthropic_base_url,
             settings.anthropic_api_key.expose(),
@@ -112,7 +125,8 @@ impl App {
             cache,
             llm,
             queue: queue.clone(),
-            ledger: ledger::Ledger::start(pg.clone()),
+            ledger: ledger::Ledger::start(pg.clone(), claims),
+            inflight: jobs::InFlight::default(),
             settings: settings.clone(),
         };
         Ok(App {
@@ -148,19 +162,39 @@ impl App {
             .context("HTTP server failed")
     }
 
-    /// Runs the workers and the outbox relay until `shutdown` is cancelled.
-    pub async fn run_worker(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let relay = tokio::spawn(self.queue.clone().run_relay(
-            self.settings.relay_interval,
-            self.settings.redeliver_after,
-            shutdown.clone().cancelled_owned(),
-        ));
-        let options = worker::WorkerOptions {
-            concurrency: self.settings.worker_concurrency,
-            poll: self.settings.worker_poll,
+    /// Runs the lane workers with the ledger upkeep until `shutdown` is cancelled, then
+    /// drains. `lanes` restricts which lanes this process consumes (all when empty).
+    pub async fn run_worker(
+        &self,
+        lanes: &[delivery::Lane],
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let s = &self.settings;
+        let upkeep = ledger::relay::Upkeep {
+            pg: self.pg.clone(),
+            redis: self.redis.clone(),
+            options: ledger::relay::UpkeepOptions {
+                relay_every: s.relay_interval,
+                rescue_every: s.rescue_interval,
+                redeliver_after: s.redeliver_after,
+                retention: s.job_retention,
+                prune_every: s.prune_interval,
+            },
         };
-        let result = worker::run(self.jobs.clone(), self.redis.clone(), options, shutdown).await;
-        let _ = relay.await;
-        result
+        let lanes = delivery::Lane::ALL
+            .into_iter()
+            .filter(|l| lanes.is_empty() || lanes.contains(l))
+            .map(|lane| match lane {
+                delivery::Lane::Interactive => (lane, s.worker_concurrency),
+                delivery::Lane::Background => (lane, s.worker_background_concurrency),
+            })
+            .collect();
+        let options = worker::WorkerOptions {
+            lanes,
+            poll: s.worker_poll,
+            lease: s.job_lease,
+            drain: s.worker_drain,
+        };
+        worker::run(self.jobs.clone(), self.redis.clone(), upkeep, options, shutdown).await
     }
 }

@@ -1,7 +1,17 @@
 //! The `callcoach` binary: a thin clap layer mapping subcommands to roles of [`callcoach::App`].
 
 use anyhow::Context;
-use callcoach::{App, config::Settings, db, http::auth, jobs::AnalyzeCall, llm, model::Dimension};
+use callcoach::{
+    App,
+    config::Settings,
+    db,
+    delivery::Lane,
+    http::auth,
+    jobs::{AnalyzeCall, Job, registry},
+    ledger::{self, JobState},
+    llm,
+    model::Dimension,
+};
 use clap::{Parser, Subcommand};
 use std::{process::ExitCode, time::Duration};
 use tokio_util::sync::CancellationToken;
@@ -22,13 +32,16 @@ struct Cli {
 enum Command {
     /// HTTP front: ingest, enqueue, status, /metrics, /healthz, /readyz.
     Web,
-    /// Consume every job queue (and run the outbox relay).
+    /// Consume the job lanes (and run the ledger relay, rescuer and pruner).
     Worker {
-        /// Jobs run at once per kind (overrides WORKER_CONCURRENCY).
+        /// Interactive jobs run at once (overrides WORKER_CONCURRENCY).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: Option<u16>,
+        /// Lanes to consume, comma-separated (default: interactive,background).
+        #[arg(long, value_delimiter = ',')]
+        lanes: Vec<Lane>,
     },
-    /// Web and worker in one process.
+    /// Web and worker in one process; either failing stops both with a non-zero exit.
     All,
     /// Apply database migrations and load seed rubrics and knowledge base.
     Migrate,
@@ -73,8 +86,8 @@ enum JobsCommand {
     /// List the newest jobs, one line each.
     List {
         /// Only jobs with this status (queued, running, succeeded, failed, cancelled, snoozed).
-        #[arg(long, value_parser = ["queued", "running", "succeeded", "failed", "cancelled", "snoozed"])]
-        status: Option<String>,
+        #[arg(long)]
+        status: Option<JobState>,
         /// How many.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
@@ -88,6 +101,19 @@ enum JobsCommand {
     Cancel {
         /// Job id.
         id: Uuid,
+    },
+    /// List the registered job kinds with their lane, budget and timeout.
+    Kinds,
+    /// Enqueue a job of any registered kind.
+    Enqueue {
+        /// Job kind (see `jobs kinds`).
+        kind: String,
+        /// Arguments as JSON (default `{}`).
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Lane (default: the kind's).
+        #[arg(long)]
+        lane: Option<Lane>,
     },
 }
 
@@ -154,6 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut settings = Settings::from_env()?;
     if let Command::Worker {
         concurrency: Some(n),
+        ..
     } = cli.command
     {
         settings.worker_concurrency = usize::from(n);
@@ -164,14 +191,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = bind(&app.settings.bind_addr).await?;
             app.serve(listener, shutdown_on_signal()).await
         }
-        Command::Worker { .. } => app.run_worker(shutdown_on_signal()).await,
-        Command::All => {
-            let token = shutdown_on_signal();
-            let listener = bind(&app.settings.bind_addr).await?;
-            let (web, worker) =
-                tokio::join!(app.serve(listener, token.clone()), app.run_worker(token));
-            web.and(worker)
-        }
+        Command::Worker { lanes, .. } => app.run_worker(&lanes, shutdown_on_signal()).await,
+        Command::All => run_all(&app).await,
         Command::Migrate => {
             db::migrate(&app.pg).await?;
             println!("migrations applied, seed data loaded");
@@ -184,16 +205,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if !db::call_exists(&app.pg, call_id).await? {
                 anyhow::bail!("call {call_id} does not exist");
             }
-            let enqueued = app
-                .queue
-                .enqueue(
-                    &AnalyzeCall {
-                        call_id,
-                        dimensions,
-                    },
-                    None,
-                )
-                .await?;
+            let job = AnalyzeCall {
+                call_id,
+                dimensions,
+            };
+            let enqueued = app.queue.enqueue(job.to_job()?).await?;
             println!("{}", serde_json::to_string_pretty(&enqueued)?);
             Ok(())
         }
@@ -210,7 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
     let existing = |id: Uuid| async move {
-        callcoach::queue::job(&app.pg, id)
+        ledger::job(&app.pg, id)
             .await?
             .with_context(|| format!("job {id} does not exist"))
     };
@@ -219,7 +235,7 @@ async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&existing(id).await?)?);
         }
         JobsCommand::List { status, limit } => {
-            for job in callcoach::queue::jobs(&app.pg, status.as_deref(), limit).await? {
+            for job in ledger::jobs(&app.pg, status, limit).await? {
                 let error = job.last_error.unwrap_or_default();
                 let error: String = error.chars().take(60).collect();
                 println!(
@@ -230,7 +246,7 @@ async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
         }
         JobsCommand::Retry { id } => {
             let job = existing(id).await?;
-            if !app.queue.retry(id).await? {
+            if !ledger::retry(&app.pg, id).await? {
                 anyhow::bail!(
                     "job {id} is {}; only failed or cancelled jobs can be retried",
                     job.status
@@ -240,7 +256,7 @@ async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
         }
         JobsCommand::Cancel { id } => {
             let job = existing(id).await?;
-            if !app.queue.cancel(id).await? {
+            if !ledger::cancel(&app.pg, id).await? {
                 anyhow::bail!(
                     "job {id} is {}; only queued or snoozed jobs can be cancelled",
                     job.status
@@ -248,8 +264,63 @@ async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
             }
             println!("job {id} cancelled");
         }
+        JobsCommand::Kinds => {
+            for kind in registry::REGISTRY {
+                let o = &kind.options;
+                let budget = o
+                    .max_attempts
+                    .unwrap_or(app.settings.job_max_attempts);
+                println!(
+                    "{:<20} lane {:<12} attempts {budget:<3} timeout {:?}",
+                    kind.name,
+                    o.lane.as_str(),
+                    o.timeout
+                );
+            }
+        }
+        JobsCommand::Enqueue { kind, args, lane } => {
+            let Some(entry) = registry::find(&kind) else {
+                anyhow::bail!(
+                    "unknown job kind {kind:?}; registered kinds: {}",
+                    registry::names().join(", ")
+                );
+            };
+            let args: serde_json::Value =
+                serde_json::from_str(&args).context("--args is not valid JSON")?;
+            let mut job = entry.new_job(args).map_err(anyhow::Error::msg)?;
+            if let Some(lane) = lane {
+                job = job.on_lane(lane);
+            }
+            let enqueued = app.queue.enqueue(job).await?;
+            println!("{}", serde_json::to_string_pretty(&enqueued)?);
+        }
     }
     Ok(())
+}
+
+/// Web and worker in one process: the first role to stop (with an error, or unexpectedly)
+/// stops the other, and an error makes the exit status non-zero.
+async fn run_all(app: &App) -> anyhow::Result<()> {
+    let token = shutdown_on_signal();
+    let listener = bind(&app.settings.bind_addr).await?;
+    let web = app.serve(listener, token.clone());
+    let worker = app.run_worker(&[], token.clone());
+    tokio::pin!(web, worker);
+    let (first, role) = tokio::select! {
+        r = &mut web => (r, "web"),
+        r = &mut worker => (r, "worker"),
+    };
+    let unexpected = !token.is_cancelled();
+    if unexpected {
+        tracing::error!(role, "role stopped; stopping the process");
+        token.cancel();
+    }
+    let second = if role == "web" { worker.await } else { web.await };
+    first.with_context(|| format!("{role} role failed"))?;
+    if unexpected {
+        anyhow::bail!("{role} role stopped unexpectedly");
+    }
+    second
 }
 
 async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {

@@ -29,6 +29,14 @@ pub mod names {
     pub const JOB_DURATION: &str = "callcoach_job_duration_seconds";
     /// Jobs pushed to Redis by the outbox relay.
     pub const RELAY_PUSHED: &str = "callcoach_relay_pushed_total";
+    /// Jobs the rescuer re-issued, labelled `what` (requeued/failed/redelivered).
+    pub const RESCUED: &str = "callcoach_jobs_rescued_total";
+    /// Finished ledger rows deleted past the retention.
+    pub const LEDGER_PRUNED: &str = "callcoach_ledger_pruned_total";
+    /// Grouped ledger write rounds.
+    pub const LEDGER_BATCHES: &str = "callcoach_ledger_batches_total";
+    /// Supervised background tasks restarted after a panic, labelled `task`.
+    pub const TASK_RESTARTS: &str = "callcoach_task_restarts_total";
     /// LLM requests, labelled `outcome`.
     pub const LLM_REQUESTS: &str = "callcoach_llm_requests_total";
     /// LLM tokens, labelled `kind` (input/output/cache_creation/cache_read).

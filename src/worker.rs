@@ -1,17 +1,23 @@
-//! The worker role: one apalis worker per job kind under an apalis `Monitor`.
+//! The worker role: one apalis worker per lane under an apalis `Monitor`, plus the ledger
+//! upkeep (relay, rescuer, pruner) and the lease heartbeat of the runs it holds.
 //!
-//! apalis-redis workers stop on any Redis error, so the monitor restarts them, each time under
-//! a fresh name (apalis refuses a name seen within the orphan window). A restarted worker first
-//! waits until Redis answers PING, so an outage does not turn into a restart storm. Graceful
-//! shutdown: the monitor stops fetching and lets running jobs finish.
-//!
-//! Idle workers do not wait for their poll tick: a [`WakeHub`] per kind listens on the kind's
-//! pub/sub channel (published by every push) and wakes them at once; polling remains as the
-//! fallback when a message is missed.
+//! - apalis-redis workers stop on any Redis error, so the monitor restarts them, each time
+//!   under a fresh name (apalis refuses a name seen within the orphan window), after a pause
+//!   that doubles with each quick failure (capped) and once Redis answers PING again.
+//! - Idle workers do not wait for their poll tick: a [`WakeHub`] per lane listens on the
+//!   lane's pub/sub channel (published by every push) and wakes them at once; polling remains
+//!   the fallback when a message is missed.
+//! - Every claimed run holds a lease in the ledger; the heartbeat renews the leases of all
+//!   runs of this process in one statement, and stops a run whose lease is no longer ours.
+//! - Shutdown: stop fetching, let running jobs finish within `WORKER_DRAIN_SECS` while their
+//!   leases are still renewed (so nobody else runs them), then hand the rest back to the
+//!   ledger for immediate re-delivery, and return.
 
 use crate::{
-    jobs::{AnalyzeCall, InvalidateRubric, Job, JobContext, perform_job},
-    queue::{self, Envelope},
+    delivery::{self, Envelope, Lane},
+    jobs::{JobContext, perform_job},
+    ledger::{self, relay::Upkeep},
+    supervise,
 };
 use apalis::prelude::*;
 use futures::{
@@ -20,28 +26,33 @@ use futures::{
 };
 use redis::aio::ConnectionManager;
 use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
 };
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// Fans wake-ups from one Redis subscription out to the (re)started workers of a kind.
+/// Fans wake-ups from one Redis subscription out to the (re)started workers of a lane.
 #[derive(Clone, Default)]
 pub struct WakeHub {
     senders: Arc<Mutex<Vec<Sender<()>>>>,
 }
 
 impl WakeHub {
-    /// Starts listening on `kind`'s wake channel until `shutdown`; reconnects after errors.
-    pub fn spawn(client: redis::Client, kind: &str, shutdown: CancellationToken) -> Self {
+    /// Starts listening (supervised) on `lane`'s wake channel until `shutdown`.
+    pub fn spawn(client: redis::Client, lane: Lane, shutdown: CancellationToken) -> Self {
         let hub = WakeHub::default();
         let listener = hub.clone();
-        let channel = queue::wake_channel(kind);
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                _ = listener.listen(client, channel) => {}
+        supervise::spawn("wake hub", move || {
+            let (hub, client, shutdown) = (listener.clone(), client.clone(), shutdown.clone());
+            async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = hub.listen(client, lane.wake_channel()) => {}
+                }
             }
         });
         hub
@@ -86,21 +97,30 @@ impl WakeHub {
 /// Worker options.
 #[derive(Clone, Debug)]
 pub struct WorkerOptions {
-    /// Jobs run at once per kind.
-    pub concurrency: usize,
+    /// Lanes this process consumes, each with its concurrency.
+    pub lanes: Vec<(Lane, usize)>,
     /// Idle poll interval.
     pub poll: Duration,
+    /// Lease of a claimed run (renewed every quarter of it).
+    pub lease: Duration,
+    /// How long a stopping worker lets running jobs finish.
+    pub drain: Duration,
 }
 
-/// A unique worker name: kind, host, pid, a random suffix and the restart count.
-fn worker_name(kind: &str, restarts: usize) -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+/// A unique worker name: lane, host, pid, a random suffix and the restart count.
+pub fn worker_name(lane: &str, restarts: usize) -> String {
     let nonce = &Uuid::new_v4().simple().to_string()[..8];
-    format!("{kind}@{host}-{}-{nonce}-r{restarts}", std::process::id())
+    format!("{lane}@{}-{nonce}-r{restarts}", process_name())
 }
 
-/// The apalis handler: the ledger protocol around [`Job::perform`].
-async fn handle<J: Job>(env: Envelope<J>, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
+/// This process's name in `jobs.claimed_by`: host and pid.
+pub fn process_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// The apalis handler: the ledger protocol around the registered kind's `perform`.
+async fn handle(env: Envelope, ctx: Data<JobContext>) -> Result<(), BoxDynError> {
     perform_job(env, &ctx).await.map(|_| ()).map_err(Into::into)
 }
 
@@ -109,68 +129,142 @@ pub fn poll_strategy(wake: &WakeHub, poll: Duration) -> Strategy {
     Strategy::new().stream(wake.subscribe()).interval(poll)
 }
 
-/// Runs workers for every job kind until `shutdown` is cancelled.
+/// Consecutive quick failures of one lane's worker: each restart waits longer (capped); a
+/// run that lasted a minute resets the count.
+#[derive(Default)]
+struct RestartBackoff {
+    failures: AtomicU32,
+    last_start: Mutex<Option<Instant>>,
+}
+
+impl RestartBackoff {
+    fn delay(&self) -> Duration {
+        let lasted = self
+            .last_start
+            .lock()
+            .ok()
+            .and_then(|mut s| s.replace(Instant::now()))
+            .map(|t| t.elapsed());
+        if lasted.is_some_and(|d| d > Duration::from_secs(60)) {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        supervise::restart_delay(self.failures.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Runs the lane workers, the ledger upkeep and the lease heartbeat until `shutdown` is
+/// cancelled, then drains and hands back unfinished runs.
 pub async fn run(
     ctx: JobContext,
     redis: ConnectionManager,
+    upkeep: Upkeep,
     options: WorkerOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let monitor = Monitor::new()
+    let upkeep_task = supervise::spawn("ledger upkeep", {
+        let (upkeep, shutdown) = (upkeep, shutdown.clone());
+        move || upkeep.clone().run(shutdown.clone())
+    });
+    let heartbeat_stop = CancellationToken::new();
+    let heartbeat = supervise::spawn("lease heartbeat", {
+        let (ctx, stop, lease) = (ctx.clone(), heartbeat_stop.clone(), options.lease);
+        move || heartbeat_loop(ctx.clone(), lease, stop.clone())
+    });
+    let client = redis::Client::open(ctx.settings.redis_url.expose())?;
+    let mut monitor = Monitor::new()
         .should_restart(|worker, error| {
             tracing::warn!(worker = %worker.name(), ?error, "worker stopped; restarting");
             true
         })
-        .shutdown_timeout(Duration::from_secs(30));
-    let client = redis::Client::open(ctx.settings.redis_url.expose())?;
-    let wake = |kind| WakeHub::spawn(client.clone(), kind, shutdown.clone());
-    let monitor = register::<AnalyzeCall>(
-        monitor,
-        ctx.clone(),
-        redis.clone(),
-        wake(AnalyzeCall::JOB_NAME),
-        options.clone(),
-    );
-    let monitor = register::<InvalidateRubric>(
-        monitor,
-        ctx,
-        redis,
-        wake(InvalidateRubric::JOB_NAME),
-        options,
-    );
-    monitor
+        .shutdown_timeout(options.drain);
+    for (lane, concurrency) in &options.lanes {
+        let wake = WakeHub::spawn(client.clone(), *lane, shutdown.clone());
+        monitor = register(monitor, &ctx, &redis, wake, *lane, *concurrency, options.poll);
+    }
+    let result = monitor
         .run_with_signal(async move {
             shutdown.cancelled().await;
             Ok(())
         })
-        .await?;
+        .await;
+    hand_back(&ctx).await;
+    heartbeat_stop.cancel();
+    let _ = heartbeat.await;
+    let _ = upkeep_task.await;
+    result?;
     Ok(())
 }
 
-fn register<J: Job>(
+/// Hands every run this process still holds (or dropped) back to the ledger.
+async fn hand_back(ctx: &JobContext) {
+    let mut runs = ctx.inflight.runs();
+    runs.extend(ctx.inflight.take_orphaned());
+    if runs.is_empty() {
+        return;
+    }
+    match ledger::hand_back(&ctx.pg, &runs).await {
+        Ok(n) => tracing::info!(handed_back = n, "unfinished jobs handed back for re-delivery"),
+        Err(e) => tracing::warn!(error = %e, runs = runs.len(),
+            "could not hand jobs back; the rescuer re-delivers them when their leases expire"),
+    }
+}
+
+/// Renews the leases of this process's runs every quarter lease; stops runs whose lease was
+/// lost; hands back runs that ended without a recorded outcome.
+async fn heartbeat_loop(ctx: JobContext, lease: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(lease / 4);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let runs = ctx.inflight.runs();
+        match ledger::writer::renew_leases(&ctx.pg, &runs, lease).await {
+            Ok(lost) if !lost.is_empty() => {
+                tracing::warn!(runs = lost.len(), "leases lost; stopping those runs");
+                ctx.inflight.lost(&lost);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
+        }
+        let orphaned = ctx.inflight.take_orphaned();
+        if !orphaned.is_empty() && ledger::hand_back(&ctx.pg, &orphaned).await.is_err() {
+            ctx.inflight.keep_orphaned(orphaned);
+        }
+    }
+}
+
+fn register(
     monitor: Monitor,
-    ctx: JobContext,
-    redis: ConnectionManager,
+    ctx: &JobContext,
+    redis: &ConnectionManager,
     wake: WakeHub,
-    options: WorkerOptions,
+    lane: Lane,
+    concurrency: usize,
+    poll: Duration,
 ) -> Monitor {
+    let (ctx, redis) = (ctx.clone(), redis.clone());
+    let backoff = Arc::new(RestartBackoff::default());
     monitor.register(move |restarts| {
-        let probe = redis.clone();
-        let backend = queue::storage::<J>(redis.clone())
+        let (probe, backoff) = (redis.clone(), backoff.clone());
+        let backend = delivery::storage(redis.clone(), lane)
             .before_start(move |_| {
-                let probe = probe.clone();
+                let (probe, backoff) = (probe.clone(), backoff.clone());
                 async move {
+                    let pause = backoff.delay();
                     if restarts > 0 {
-                        crate::wait_for_redis(probe).await;
+                        tokio::time::sleep(pause).await;
+                        crate::wait_for_redis(probe, Duration::from_millis(500)).await;
                     }
                     Ok(())
                 }
             })
-            .poll_with_strategy(poll_strategy(&wake, options.poll));
-        WorkerBuilder::new(worker_name(J::JOB_NAME, restarts))
+            .poll_with_strategy(poll_strategy(&wake, poll));
+        WorkerBuilder::new(worker_name(lane.as_str(), restarts))
             .backend(backend)
             .data(ctx.clone())
-            .concurrency(options.concurrency)
-            .build(handle::<J>)
+            .concurrency(concurrency)
+            .build(handle)
     })
 }

@@ -20,9 +20,16 @@ pub enum BenchCommand {
         /// Pick-up latency samples.
         #[arg(long, default_value_t = 200)]
         samples: usize,
-        /// Go through the Postgres job ledger, as producers' jobs do (needs DATABASE_URL).
+        /// Also measure the producers' path: Postgres ledger and worker processes.
         #[arg(long)]
         ledger: bool,
+        /// Back-to-back repetitions of each ledger measurement.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=20))]
+        runs: u16,
+        /// Also push this many jobs through the ledger path and report Redis memory and keys
+        /// before, during and after (then prune the ledger).
+        #[arg(long, default_value_t = 0)]
+        soak: usize,
     },
     /// Cache get latency per tier and throughput against raw Redis GET; codec figures.
     Cache {
@@ -44,7 +51,19 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             concurrency,
             samples,
             ledger,
-        } => queue::run(settings, jobs, concurrency, samples, ledger).await?,
+            runs,
+            soak,
+        } => {
+            let bench = queue::QueueBench {
+                jobs,
+                concurrency,
+                samples,
+                ledger,
+                runs: usize::from(runs),
+                soak,
+            };
+            queue::run(settings, bench).await?
+        }
         BenchCommand::Cache {
             iterations,
             clients,

@@ -160,7 +160,7 @@ impl RedisTier {
 
 /// Waits until Redis answers, then closes the breaker.
 async fn probe(conn: ConnectionManager, breaker: Arc<Breaker>) {
-    crate::wait_for_redis(conn).await;
+    crate::wait_for_redis(conn, Duration::from_millis(500)).await;
     breaker.success();
 }
 

@@ -6,9 +6,9 @@ use super::{
 };
 use crate::{
     db,
-    jobs::{AnalyzeCall, InvalidateRubric},
+    jobs::{AnalyzeCall, InvalidateRubric, Job},
+    ledger,
     model::{CallInput, Dimension, Role},
-    queue,
 };
 use axum::{
     Json,
@@ -40,14 +40,8 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Ok(Err(e)) => format!("error: {e}"),
         Err(_) => "error: timed out".to_string(),
     };
-    let mut conn = state.redis.clone();
-    let redis = tokio::time::timeout(
-        Duration::from_millis(500),
-        redis::cmd("PING").query_async::<String>(&mut conn),
-    )
-    .await;
-    let redis = match redis {
-        Ok(Ok(_)) => "ok".to_string(),
+    let redis = match tokio::time::timeout(Duration::from_millis(500), ping_redis(&state)).await {
+        Ok(Ok(())) => "ok".to_string(),
         Ok(Err(e)) => format!("error: {e}"),
         Err(_) => "error: timed out".to_string(),
     };
@@ -59,6 +53,15 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     };
     let body = json!({ "status": if ready { "ready" } else { "degraded" }, "postgres": pg, "redis": redis });
     (status, Json(body))
+}
+
+/// PING over a new connection: the shared connection may still be reconnecting after an
+/// outage, and readiness must say what Redis answers now, not what it answered last.
+async fn ping_redis(state: &AppState) -> redis::RedisResult<()> {
+    let client = redis::Client::open(state.settings.redis_url.expose())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("PING").query_async::<String>(&mut conn).await?;
+    Ok(())
 }
 
 /// `GET /metrics`: Prometheus text format.
@@ -131,15 +134,11 @@ pub async fn create_analysis(
         call_id: req.call_id,
         dimensions: req.dimensions,
     };
-    let dedup = idempotency.map(|k| format!("idem:{}:{k}", principal.key_id));
-    let enqueued = state
-        .queue
-        .enqueue(&job, dedup.as_deref())
-        .await
-        .map_err(|e| match e {
-            queue::QueueError::Ledger(e) => ApiError::from(e),
-            other => ApiError::internal(other),
-        })?;
+    let mut job = job.to_job().map_err(ApiError::internal)?;
+    if let Some(key) = idempotency {
+        job = job.dedup_key(format!("idem:{}:{key}", principal.key_id));
+    }
+    let enqueued = state.queue.enqueue(job).await?;
     let status_url = format!("{}/v1/jobs/{}", state.settings.public_url, enqueued.job_id);
     let body = json!({
         "job_id": enqueued.job_id,
@@ -169,8 +168,8 @@ pub async fn get_job(
     State(state): State<AppState>,
     _principal: Principal,
     ApiPath(id): ApiPath<Uuid>,
-) -> Result<Json<queue::JobRow>, ApiError> {
-    queue::job(&state.pg, id)
+) -> Result<Json<ledger::JobRow>, ApiError> {
+    ledger::job(&state.pg, id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("job {id} does not exist")))
@@ -187,7 +186,8 @@ pub struct RubricRequest {
 }
 
 /// `PUT /v1/rubrics/{role}/{dimension}` (admin): stores a new rubric version, makes it active
-/// and enqueues `invalidate_rubric` for the superseded version's cache entries.
+/// and enqueues `invalidate_rubric` for the superseded version's cache entries, all in one
+/// transaction: either the rubric and its invalidation job are both stored, or neither.
 pub async fn put_rubric(
     State(state): State<AppState>,
     principal: Principal,
@@ -206,7 +206,8 @@ pub async fn put_rubric(
     if req.criteria.trim().is_empty() || req.criteria.len() > 20_000 {
         return Err(ApiError::bad_request("criteria must be 1-20000 characters"));
     }
-    let update = db::replace_rubric(&state.pg, role, dimension, version, &req.criteria).await?;
+    let mut tx = state.pg.begin().await?;
+    let update = db::replace_rubric(&mut tx, role, dimension, version, &req.criteria).await?;
     let previous = match update {
         db::RubricUpdate::VersionExists => {
             return Err(ApiError::new(
@@ -227,15 +228,12 @@ pub async fn put_rubric(
                 dimension,
                 version: old.clone(),
             };
-            let enqueued = state
-                .queue
-                .enqueue(&job, None)
-                .await
-                .map_err(ApiError::internal)?;
-            Some(enqueued.job_id)
+            let job = job.to_job().map_err(ApiError::internal)?;
+            Some(state.queue.enqueue_tx(&mut tx, job).await?.job_id)
         }
         None => None,
     };
+    tx.commit().await?;
     Ok(Json(json!({
         "role": role.as_str(),
         "dimension": dimension,

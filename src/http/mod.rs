@@ -129,6 +129,15 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::queue::QueueError> for ApiError {
+    fn from(e: crate::queue::QueueError) -> Self {
+        match e {
+            crate::queue::QueueError::Ledger(e) => ApiError::from(e),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
 /// `Json<T>` whose rejections are [`ApiError`]s: 400 for malformed JSON, 415 for a wrong
 /// content type, 413 for an oversize body, 422 for JSON of the wrong shape.
 pub struct ApiJson<T>(pub T);

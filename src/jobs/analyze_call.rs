@@ -5,11 +5,12 @@
 //! durable cache row in one short transaction, and refill Redis. No transaction is open while
 //! the LLM is called.
 
-use super::{Job, JobContext, JobError};
+use super::{Job, JobContext, JobError, JobOptions};
 use crate::{
     cache::{CacheKey, Outcome, fingerprint},
     config::Settings,
     db::{self, CallForAnalysis},
+    delivery::Lane,
     llm::{self, CoachingResult, LlmError, PromptInputs, Usage},
     model::Dimension,
     telemetry::names,
@@ -62,6 +63,10 @@ pub struct DimensionOutcome {
 
 impl Job for AnalyzeCall {
     const JOB_NAME: &'static str = "analyze_call";
+    const OPTIONS: JobOptions = JobOptions {
+        lane: Lane::Interactive,
+        ..JobOptions::DEFAULT
+    };
 
     async fn perform(self, job_id: Uuid, ctx: &JobContext) -> Result<serde_json::Value, JobError> {
         let call = db::call_for_analysis(&ctx.pg, self.call_id)

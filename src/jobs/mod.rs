@@ -1,30 +1,40 @@
-//! Job kinds and the code that runs them.
+//! Job kinds and the protocol that runs them.
 //!
-//! A job kind is a serde payload implementing [`Job`] with a stable `JOB_NAME` (its queue and
-//! ledger name). [`perform_job`] wraps every kind with the ledger protocol: claim the row, run,
-//! then record the [`JobError`] outcome (retry with backoff, snooze without using an attempt,
-//! cancel, or fail). A new kind is registered in two places: the `match` in [`deliver_raw`]
-//! (relay) and `worker::run` (consumers).
+//! A job kind is a serde payload implementing [`Job`]: a stable `JOB_NAME` (its ledger name),
+//! its [`JobOptions`] (lane, attempt budget, timeout, backoff) and `perform`. Kinds are listed
+//! once, in [`registry::REGISTRY`]. [`perform_job`] wraps every kind with the ledger protocol:
+//! claim the delivery (guarded), run it under its lease and timeout, then record the
+//! [`JobError`] outcome (retry with backoff, snooze without using an attempt, cancel, or
+//! fail), applied only if this delivery is still the running one.
 
 pub mod analyze_call;
 pub mod invalidate_rubric;
+pub mod registry;
 
 use crate::{
     cache::CoachingCache,
     config::Settings,
-    ledger::{Finish, Ledger, LedgerError},
+    delivery::{Envelope, Lane},
+    ledger::{JobState, Ledger, Outcome},
     llm::LlmClient,
-    queue::{Envelope, Queue},
+    queue::{NewJob, Queue},
     telemetry::names,
 };
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sqlx::PgPool;
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
 pub use analyze_call::AnalyzeCall;
 pub use invalidate_rubric::InvalidateRubric;
+pub use registry::{Backoff, JobKind, JobOptions};
 
 /// Everything a job may use, shared by all jobs of a worker.
 #[derive(Clone)]
@@ -35,10 +45,12 @@ pub struct JobContext {
     pub cache: CoachingCache,
     /// LLM client.
     pub llm: LlmClient,
-    /// Producer handle (retries, follow-up jobs).
+    /// Producer handle (follow-up jobs).
     pub queue: Queue,
     /// Grouped writer of job claims and outcomes.
     pub ledger: Ledger,
+    /// Runs this process holds, whose leases the worker renews.
+    pub inflight: InFlight,
     /// Process settings.
     pub settings: Arc<Settings>,
 }
@@ -46,7 +58,7 @@ pub struct JobContext {
 /// How a job run ended, when it did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// Transient failure: retry with exponential backoff while attempts remain.
+    /// Transient failure: retry with the kind's backoff while attempts remain.
     #[error("{0:#}")]
     Retry(anyhow::Error),
     /// Throttled (LLM 429/529, rate limit): run again later without consuming an attempt.
@@ -74,8 +86,10 @@ impl From<anyhow::Error> for JobError {
 
 /// A job kind.
 pub trait Job: Serialize + DeserializeOwned + Clone + Send + Sync + Unpin + 'static {
-    /// Stable name: queue name suffix and `jobs.kind` in the ledger.
+    /// Stable name: `jobs.kind` in the ledger and the registry key.
     const JOB_NAME: &'static str;
+    /// Lane, attempt budget, timeout and backoff.
+    const OPTIONS: JobOptions = JobOptions::DEFAULT;
 
     /// Runs the job. Must be idempotent: a job can be delivered more than once.
     fn perform(
@@ -83,109 +97,208 @@ pub trait Job: Serialize + DeserializeOwned + Clone + Send + Sync + Unpin + 'sta
         job_id: Uuid,
         ctx: &JobContext,
     ) -> impl Future<Output = Result<serde_json::Value, JobError>> + Send;
-}
 
-/// Pushes a ledger row's payload for a kind known only by name (used by the outbox relay).
-pub async fn deliver_raw(
-    queue: &Queue,
-    kind: &str,
-    id: Uuid,
-    delivery: i32,
-    payload: serde_json::Value,
-    delay: Duration,
-) -> anyhow::Result<bool> {
-    match kind {
-        AnalyzeCall::JOB_NAME => {
-            let args: AnalyzeCall = serde_json::from_value(payload)?;
-            Ok(queue.deliver(id, delivery, args, delay).await)
-        }
-        InvalidateRubric::JOB_NAME => {
-            let args: InvalidateRubric = serde_json::from_value(payload)?;
-            Ok(queue.deliver(id, delivery, args, delay).await)
-        }
-        other => anyhow::bail!("unknown job kind {other:?}"),
+    /// This job as a ledger row to enqueue, with the kind's lane and budget.
+    fn to_job(&self) -> Result<NewJob, serde_json::Error> {
+        Ok(NewJob::new(
+            Self::JOB_NAME,
+            serde_json::to_value(self)?,
+            Self::OPTIONS.lane,
+            Self::OPTIONS.max_attempts,
+        ))
     }
 }
 
-/// Exponential backoff with jitter for the n-th attempt: 2 s, 4 s, 8 s … capped at 10 min.
-pub fn backoff(attempt: i32) -> Duration {
-    let base = 2u64.saturating_pow(attempt.clamp(1, 20) as u32).min(600);
-    let jitter = rand::random_range(0..=base * 250);
-    Duration::from_millis(base * 1000 + jitter)
+/// A job that does nothing: queue benchmarks and smoke checks of a deployment.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Noop {
+    /// Microseconds since the UNIX epoch at enqueue time (pick-up latency measurements).
+    #[serde(default)]
+    pub enqueued_at_us: u64,
 }
 
-/// Records a terminal status through the grouped ledger writer.
-async fn finish(
-    ctx: &JobContext,
-    id: Uuid,
-    status: &'static str,
-    result: Option<serde_json::Value>,
-    error: Option<String>,
-) -> Result<(), LedgerError> {
-    ctx.ledger
-        .finish(Finish {
-            id,
-            status,
-            result,
-            error,
-        })
-        .await
+impl Job for Noop {
+    const JOB_NAME: &'static str = "noop";
+    const OPTIONS: JobOptions = JobOptions {
+        lane: Lane::Interactive,
+        ..JobOptions::DEFAULT
+    };
+    async fn perform(self, _: Uuid, _: &JobContext) -> Result<serde_json::Value, JobError> {
+        Ok(serde_json::Value::Null)
+    }
 }
 
-/// Schedules the next delivery of a job (retry or snooze) and pushes it.
-async fn redeliver<J: Job>(
-    ctx: &JobContext,
-    env: &Envelope<J>,
-    status: &str,
-    refund_attempt: bool,
-    after: Duration,
-    error: &str,
-) -> sqlx::Result<()> {
-    let next = env.delivery + 1;
-    sqlx::query(
-        "UPDATE jobs SET status = $2, delivery = $3, delivered_at = NULL, last_error = $4,
-                attempts = attempts - CASE WHEN $5 THEN 1 ELSE 0 END,
-                run_at = now() + make_interval(secs => $6), updated_at = now()
-         WHERE id = $1",
-    )
-    .bind(env.job_id)
-    .bind(status)
-    .bind(next)
-    .bind(error)
-    .bind(refund_attempt)
-    .bind(after.as_secs_f64())
-    .execute(&ctx.pg)
-    .await?;
-    ctx.queue
-        .deliver(env.job_id, next, env.args.clone(), after)
-        .await;
-    Ok(())
+/// Runs this process holds: each has a token that is cancelled when its lease is lost. A run
+/// that ends without its outcome recorded (the write failed, or the run was dropped by a
+/// shutdown that timed out) is kept as orphaned, so the worker can hand it back.
+#[derive(Clone, Default)]
+pub struct InFlight {
+    state: Arc<Mutex<InFlightState>>,
 }
 
-/// Runs one delivery of a job under the ledger protocol. Errors returned here are ledger
-/// (Postgres) failures only; apalis then re-delivers the same task later.
-pub async fn perform_job<J: Job>(
-    env: Envelope<J>,
-    ctx: &JobContext,
-) -> anyhow::Result<&'static str> {
-    let span = tracing::info_span!("job", kind = J::JOB_NAME, job_id = %env.job_id, delivery = env.delivery);
+#[derive(Default)]
+struct InFlightState {
+    runs: HashMap<(Uuid, i32), CancellationToken>,
+    orphaned: Vec<(Uuid, i32)>,
+}
+
+/// Removes a run from [`InFlight`] when dropped; unless [`InFlightGuard::recorded`] was
+/// called, the run is kept as orphaned.
+pub struct InFlightGuard {
+    inflight: InFlight,
+    run: (Uuid, i32),
+    recorded: bool,
+    /// Cancelled when the lease was lost.
+    pub lost: CancellationToken,
+}
+
+impl InFlightGuard {
+    /// The run's outcome is in the ledger (or no longer this worker's to record).
+    pub fn recorded(mut self) {
+        self.recorded = true;
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.inflight.state.lock() {
+            state.runs.remove(&self.run);
+            if !self.recorded {
+                state.orphaned.push(self.run);
+            }
+        }
+    }
+}
+
+impl InFlight {
+    /// Registers a claimed run.
+    pub fn enter(&self, job_id: Uuid, delivery: i32) -> InFlightGuard {
+        let lost = CancellationToken::new();
+        if let Ok(mut state) = self.state.lock() {
+            state.runs.insert((job_id, delivery), lost.clone());
+        }
+        InFlightGuard {
+            inflight: self.clone(),
+            run: (job_id, delivery),
+            recorded: false,
+            lost,
+        }
+    }
+
+    /// The runs held now.
+    pub fn runs(&self) -> Vec<(Uuid, i32)> {
+        self.state
+            .lock()
+            .map(|s| s.runs.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Takes the runs that ended without a recorded outcome.
+    pub fn take_orphaned(&self) -> Vec<(Uuid, i32)> {
+        self.state
+            .lock()
+            .map(|mut s| std::mem::take(&mut s.orphaned))
+            .unwrap_or_default()
+    }
+
+    /// Puts back orphaned runs whose hand-back failed.
+    pub fn keep_orphaned(&self, runs: Vec<(Uuid, i32)>) {
+        if let Ok(mut state) = self.state.lock() {
+            state.orphaned.extend(runs);
+        }
+    }
+
+    /// Stops the work of runs whose lease was lost.
+    pub fn lost(&self, runs: &[(Uuid, i32)]) {
+        if let Ok(state) = self.state.lock() {
+            for run in runs {
+                if let Some(token) = state.runs.get(run) {
+                    token.cancel();
+                }
+            }
+        }
+    }
+}
+
+/// What one delivery's run came to (for metrics and tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunLabel {
+    /// Stale delivery: not claimed, nothing run.
+    Skipped,
+    /// Succeeded.
+    Succeeded,
+    /// Will be retried.
+    Retry,
+    /// Snoozed.
+    Snoozed,
+    /// Cancelled.
+    Cancelled,
+    /// Failed for good.
+    Failed,
+    /// The lease was lost mid-run (rescued elsewhere) or the outcome no longer applied.
+    Abandoned,
+}
+
+impl RunLabel {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunLabel::Skipped => "skipped",
+            RunLabel::Succeeded => "succeeded",
+            RunLabel::Retry => "retry",
+            RunLabel::Snoozed => "snoozed",
+            RunLabel::Cancelled => "cancelled",
+            RunLabel::Failed => "failed",
+            RunLabel::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Runs one delivery under the ledger protocol. Errors returned here are ledger (Postgres)
+/// failures only; apalis then retries the delivery a few times, and the rescuer re-issues it
+/// if those fail too.
+pub async fn perform_job(env: Envelope, ctx: &JobContext) -> anyhow::Result<RunLabel> {
+    let span = tracing::info_span!("job", kind = %env.kind, job_id = %env.job_id, delivery = env.delivery);
     async move {
-        let Some((attempt, max_attempts)) = ctx.ledger.claim(env.job_id, env.delivery).await?
-        else {
-            tracing::info!("stale delivery skipped");
-            return Ok("skipped");
+        let Some(claim) = ctx.ledger.claim(env.job_id, env.delivery).await? else {
+            tracing::debug!("stale delivery skipped");
+            return Ok(RunLabel::Skipped);
         };
-        if attempt > max_attempts {
-            let exhausted = Some("attempt budget exhausted".to_string());
-            finish(ctx, env.job_id, "failed", None, exhausted).await?;
-            return Ok("failed");
+        let guard = ctx.inflight.enter(env.job_id, env.delivery);
+        let Some(kind) = registry::find(&env.kind) else {
+            let error = format!("unknown job kind {:?}: not in the job registry", env.kind);
+            tracing::error!(%error, "failing undeliverable job");
+            let label = record(ctx, &env, Outcome::Failed(error), RunLabel::Failed).await?;
+            guard.recorded();
+            return Ok(label);
+        };
+        if claim.attempt > claim.max_attempts {
+            let exhausted = Outcome::Failed("attempt budget exhausted".into());
+            let label = record(ctx, &env, exhausted, RunLabel::Failed).await?;
+            guard.recorded();
+            return Ok(label);
         }
         let started = std::time::Instant::now();
-        let outcome = env.args.clone().perform(env.job_id, ctx).await;
-        metrics::histogram!(names::JOB_DURATION, "kind" => J::JOB_NAME)
+        let run = tokio::time::timeout(
+            kind.options.timeout,
+            kind.perform(env.args.clone(), env.job_id, ctx.clone()),
+        );
+        let result = tokio::select! {
+            result = run => result.unwrap_or_else(|_| Err(JobError::Retry(anyhow::anyhow!(
+                "timed out after {:?}", kind.options.timeout)))),
+            _ = guard.lost.cancelled() => {
+                tracing::warn!("lease lost mid-run; the job was re-issued, abandoning this run");
+                guard.recorded();
+                return Ok(RunLabel::Abandoned);
+            }
+        };
+        metrics::histogram!(names::JOB_DURATION, "kind" => kind.name)
             .record(started.elapsed().as_secs_f64());
-        let label = record_outcome(ctx, &env, attempt, max_attempts, outcome).await?;
-        metrics::counter!(names::JOBS_FINISHED, "kind" => J::JOB_NAME, "outcome" => label)
+        let (outcome, label) = outcome_of(kind, claim, result);
+        let label = record(ctx, &env, outcome, label).await?;
+        guard.recorded();
+        metrics::counter!(names::JOBS_FINISHED, "kind" => kind.name, "outcome" => label.as_str())
             .increment(1);
         Ok(label)
     }
@@ -193,38 +306,56 @@ pub async fn perform_job<J: Job>(
     .await
 }
 
-async fn record_outcome<J: Job>(
-    ctx: &JobContext,
-    env: &Envelope<J>,
-    attempt: i32,
-    max_attempts: i32,
-    outcome: Result<serde_json::Value, JobError>,
-) -> anyhow::Result<&'static str> {
-    let label = match outcome {
-        Ok(result) => {
-            finish(ctx, env.job_id, "succeeded", Some(result), None).await?;
-            "succeeded"
-        }
-        Err(JobError::Retry(e)) if attempt < max_attempts => {
-            let after = backoff(attempt);
-            tracing::warn!(error = %format!("{e:#}"), ?after, attempt, "job failed; will retry");
-            redeliver(ctx, env, "queued", false, after, &format!("{e:#}")).await?;
-            "retry"
+/// Maps a run's result onto the ledger outcome, honouring the attempt budget and backoff.
+fn outcome_of(
+    kind: &JobKind,
+    claim: crate::ledger::Claimed,
+    result: Result<serde_json::Value, JobError>,
+) -> (Outcome, RunLabel) {
+    match result {
+        Ok(value) => (Outcome::Succeeded(Some(value)), RunLabel::Succeeded),
+        Err(JobError::Retry(e)) if claim.attempt < claim.max_attempts => {
+            let after = kind.options.backoff.delay(claim.attempt);
+            let reason = format!("{e:#}");
+            tracing::warn!(error = %reason, ?after, attempt = claim.attempt, "job failed; will retry");
+            let again = Outcome::Again {
+                state: JobState::Queued,
+                after,
+                reason,
+                refund: false,
+            };
+            (again, RunLabel::Retry)
         }
         Err(JobError::Snooze { after, reason }) => {
             tracing::info!(?after, %reason, "job snoozed");
-            redeliver(ctx, env, "snoozed", true, after, &reason).await?;
-            "snoozed"
+            let again = Outcome::Again {
+                state: JobState::Snoozed,
+                after,
+                reason,
+                refund: true,
+            };
+            (again, RunLabel::Snoozed)
         }
-        Err(JobError::Cancel(reason)) => {
-            finish(ctx, env.job_id, "cancelled", None, Some(reason)).await?;
-            "cancelled"
-        }
+        Err(JobError::Cancel(reason)) => (Outcome::Cancelled(reason), RunLabel::Cancelled),
         Err(e @ (JobError::Retry(_) | JobError::Fail(_))) => {
-            tracing::error!(error = %e, attempt, "job failed permanently");
-            finish(ctx, env.job_id, "failed", None, Some(e.to_string())).await?;
-            "failed"
+            tracing::error!(error = %e, attempt = claim.attempt, "job failed permanently");
+            (Outcome::Failed(e.to_string()), RunLabel::Failed)
         }
-    };
-    Ok(label)
+    }
+}
+
+/// Writes an outcome; a discarded one (the delivery is no longer the running one) is reported
+/// as [`RunLabel::Abandoned`].
+async fn record(
+    ctx: &JobContext,
+    env: &Envelope,
+    outcome: Outcome,
+    label: RunLabel,
+) -> anyhow::Result<RunLabel> {
+    if ctx.ledger.finish(env.job_id, env.delivery, outcome).await? {
+        Ok(label)
+    } else {
+        tracing::warn!("outcome discarded: this delivery is no longer the running one");
+        Ok(RunLabel::Abandoned)
+    }
 }

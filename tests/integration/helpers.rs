@@ -7,10 +7,10 @@ use callcoach::{
     config::Settings,
     db,
     http::auth::{self, Scope},
-    jobs::{AnalyzeCall, perform_job},
+    delivery::Envelope,
+    jobs::{AnalyzeCall, Job, RunLabel, perform_job},
     llm::emulator::{self, EmulatorConfig, EmulatorHandle},
     model::Dimension,
-    queue::Envelope,
 };
 use serde_json::Value;
 use std::{
@@ -131,10 +131,38 @@ pub struct TestApp {
     pub redis: TestRedis,
     pub emulator: EmulatorHandle,
     shutdown: CancellationToken,
-    worker: Option<(
-        CancellationToken,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    )>,
+    worker: Option<WorkerProcess>,
+}
+
+/// A worker running on its own runtime, as a separate process would.
+pub struct WorkerProcess {
+    token: CancellationToken,
+    killed: CancellationToken,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl WorkerProcess {
+    /// SIGTERM: graceful shutdown; returns the worker's result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.token.cancel();
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || thread.join().expect("worker thread panicked"))
+            .await
+            .unwrap()
+    }
+
+    /// SIGKILL: every task of the worker stops where it is.
+    pub fn kill(self) {
+        self.killed.cancel();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.killed.cancel();
+    }
 }
 
 /// Options of [`spawn_app_with`].
@@ -199,28 +227,56 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 }
 
 impl TestApp {
-    /// Starts a worker (and the outbox relay) in this process.
+    /// Starts a worker "process": its own App (pools, ledger writer) on its own tokio runtime
+    /// in a thread, running every lane and the ledger upkeep.
     pub fn start_worker(&mut self) {
-        let token = self.shutdown.child_token();
-        let app = self.app.clone();
-        let run = token.clone();
-        let handle = tokio::spawn(async move { app.run_worker(run).await });
-        self.worker = Some((token, handle));
+        self.worker = Some(self.spawn_worker(&[]));
+    }
+
+    /// A worker process with environment overrides; stop it with [`WorkerProcess::stop`] or
+    /// crash it with [`WorkerProcess::kill`].
+    pub fn spawn_worker(&self, overrides: &[(&str, &str)]) -> WorkerProcess {
+        let mut env = self.env.clone();
+        env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let token = CancellationToken::new();
+        let killed = CancellationToken::new();
+        let (run, kill) = (token.clone(), killed.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            let result = runtime.block_on(async move {
+                let app = App::build(Settings::from_map(&env).unwrap()).unwrap();
+                tokio::select! {
+                    result = app.run_worker(&[], run) => result,
+                    _ = kill.cancelled() => Ok(()),
+                }
+            });
+            // Every task still running stops where it is, like at a process exit.
+            runtime.shutdown_background();
+            result
+        });
+        WorkerProcess {
+            token,
+            killed,
+            thread: Some(thread),
+        }
     }
 
     /// Stops the worker gracefully and waits for it.
     pub async fn stop_worker(&mut self) {
-        if let Some((token, handle)) = self.worker.take() {
-            token.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(35), handle).await;
+        if let Some(worker) = self.worker.take() {
+            worker.stop().await.unwrap();
         }
     }
 
     /// Kills the worker without a graceful shutdown, as a crash would: jobs in flight are
-    /// dropped mid-run and the worker stops heartbeating.
+    /// dropped mid-run and every background task of it (heartbeats, leases) stops at once.
     pub fn kill_worker(&mut self) {
-        if let Some((_, handle)) = self.worker.take() {
-            handle.abort();
+        if let Some(worker) = self.worker.take() {
+            worker.kill();
         }
     }
 
@@ -311,14 +367,16 @@ impl TestApp {
             call_id,
             dimensions: dimensions.to_vec(),
         };
-        let job_id = app.queue.enqueue(&args, None).await.unwrap().job_id;
-        let envelope = Envelope {
-            job_id,
-            delivery: 0,
-            args,
-        };
-        perform_job(envelope, &app.jobs).await.unwrap();
-        let job = callcoach::queue::job(&app.pg, job_id)
+        let job_id = app
+            .queue
+            .enqueue(args.to_job().unwrap())
+            .await
+            .unwrap()
+            .job_id;
+        perform_job(envelope(job_id, 0, &args), &app.jobs)
+            .await
+            .unwrap();
+        let job = callcoach::ledger::job(&app.pg, job_id)
             .await
             .unwrap()
             .unwrap();
@@ -377,4 +435,46 @@ pub fn sample_call(tag: &str) -> Value {
             {"speaker": "Ana Rep", "start_seconds": 45, "text": "Fair point. Teams like yours usually recover the cost in analyst time within a quarter. Shall we book a technical session next Tuesday?"}
         ]
     })
+}
+
+/// The envelope of one delivery of `args` (what a worker receives from Redis).
+pub fn envelope<J: Job>(job_id: Uuid, delivery: i32, args: &J) -> Envelope {
+    Envelope {
+        job_id,
+        delivery,
+        kind: J::JOB_NAME.to_string(),
+        args: serde_json::to_value(args).unwrap(),
+    }
+}
+
+/// Runs one delivery as a worker would and returns what it came to.
+pub async fn perform<J: Job>(app: &App, job_id: Uuid, delivery: i32, args: &J) -> RunLabel {
+    perform_job(envelope(job_id, delivery, args), &app.jobs)
+        .await
+        .unwrap()
+}
+
+/// Asserts that a job of `kind` whose payload contains `payload` is in the ledger, in
+/// `state`, and returns its id.
+pub async fn assert_enqueued(
+    pg: &sqlx::PgPool,
+    kind: &str,
+    payload: Value,
+    state: callcoach::ledger::JobState,
+) -> Uuid {
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE kind = $1 AND payload @> $2 AND status = $3")
+            .bind(kind)
+            .bind(&payload)
+            .bind(state.as_str())
+            .fetch_all(pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        ids.len(),
+        1,
+        "expected one {state} {kind} job with {payload}, found {}",
+        ids.len()
+    );
+    ids[0]
 }

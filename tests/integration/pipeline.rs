@@ -1,11 +1,10 @@
 //! The analysis path end to end: ingest → enqueue → worker → result over HTTP, idempotency,
 //! the outbox relay, Redis outages and LLM failures.
 
-use crate::helpers::{sample_call, spawn_app};
+use crate::helpers::{perform, sample_call, spawn_app};
 use callcoach::{
-    jobs::{AnalyzeCall, perform_job},
+    jobs::{AnalyzeCall, RunLabel},
     model::Dimension,
-    queue::Envelope,
 };
 use serde_json::json;
 use std::time::Duration;
@@ -47,23 +46,20 @@ async fn running_a_job_twice_stores_one_result() {
     let second = app.enqueue(call_id, &["discovery"]).await;
     assert_eq!(app.wait_for_job(second, 30).await["status"], "succeeded");
     app.stop_worker().await;
-    // A redelivery of a job that was running when its worker died runs the handler again.
-    sqlx::query("UPDATE jobs SET status = 'running' WHERE id = $1")
+    // The rescuer re-issued the first job (its worker died mid-run): the new delivery runs
+    // the handler again.
+    sqlx::query("UPDATE jobs SET status = 'queued', delivery = 1 WHERE id = $1")
         .bind(first)
         .execute(&app.app.pg)
         .await
         .unwrap();
-    let envelope = Envelope {
-        job_id: first,
-        delivery: 0,
-        args: AnalyzeCall {
-            call_id,
-            dimensions: vec![Dimension::Discovery],
-        },
+    let args = AnalyzeCall {
+        call_id,
+        dimensions: vec![Dimension::Discovery],
     };
     assert_eq!(
-        perform_job(envelope, &app.app.jobs).await.unwrap(),
-        "succeeded"
+        perform(&app.app, first, 1, &args).await,
+        RunLabel::Succeeded
     );
     assert_eq!(app.session_count(call_id, "discovery").await, 1);
     assert_eq!(
@@ -88,18 +84,11 @@ async fn a_stale_delivery_is_skipped() {
     let call_id = app.ingest(&sample_call("stale")).await;
     let job_id = app.enqueue(call_id, &["engagement"]).await;
     assert_eq!(app.wait_for_job(job_id, 30).await["status"], "succeeded");
-    let envelope = Envelope {
-        job_id,
-        delivery: 0,
-        args: AnalyzeCall {
-            call_id,
-            dimensions: vec![Dimension::Engagement],
-        },
+    let args = AnalyzeCall {
+        call_id,
+        dimensions: vec![Dimension::Engagement],
     };
-    assert_eq!(
-        perform_job(envelope, &app.app.jobs).await.unwrap(),
-        "skipped"
-    );
+    assert_eq!(perform(&app.app, job_id, 0, &args).await, RunLabel::Skipped);
     let (_, job) = app.get(&format!("/v1/jobs/{job_id}")).await;
     assert_eq!(job["attempts"], 1);
 }

@@ -4,10 +4,10 @@
 use crate::helpers::{Options, sample_call, spawn_app, spawn_app_with};
 use apalis::prelude::TaskSink;
 use callcoach::{
+    delivery::{self, Lane},
     jobs::AnalyzeCall,
     llm::emulator::EmulatorConfig,
     model::Dimension,
-    queue::{self, Envelope},
 };
 use std::time::Duration;
 use uuid::Uuid;
@@ -35,7 +35,7 @@ async fn a_killed_workers_job_is_run_by_another_worker() {
     }
     app.kill_worker();
     app.start_worker();
-    // Recovery relies on the dead worker's missed heartbeats (3 × 5 s).
+    // Recovery: the dead run's lease expires (JOB_LEASE_SECS) and the rescuer re-delivers it.
     let job = app.wait_for_job(job_id, 45).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(
@@ -54,21 +54,18 @@ async fn a_backlog_beyond_the_lua_unpack_limit_is_drained() {
     .await;
     let call_id = app.ingest(&sample_call("backlog")).await;
     // 9000 deliveries whose ledger rows do not exist: each run is a cheap "stale" skip.
-    let mut store = queue::storage::<AnalyzeCall>(app.app.redis.clone());
+    let mut store = delivery::storage(app.app.redis.clone(), Lane::Interactive);
+    let args = AnalyzeCall {
+        call_id,
+        dimensions: vec![Dimension::Discovery],
+    };
     let envelopes: Vec<_> = (0..9000)
-        .map(|_| Envelope {
-            job_id: Uuid::new_v4(),
-            delivery: 0,
-            args: AnalyzeCall {
-                call_id,
-                dimensions: vec![Dimension::Discovery],
-            },
-        })
+        .map(|_| crate::helpers::envelope(Uuid::new_v4(), 0, &args))
         .collect();
     store.push_bulk(envelopes).await.unwrap();
     app.start_worker();
     let mut conn = app.redis.conn().await;
-    let name = queue::queue_name("analyze_call");
+    let name = Lane::Interactive.queue_name();
     let mut left = usize::MAX;
     for _ in 0..600 {
         let active: usize = redis::cmd("LLEN")
@@ -149,7 +146,7 @@ async fn workers_survive_postgres_dropping_every_connection() {
 
 #[tokio::test]
 async fn grouped_ledger_writes_answer_each_caller_correctly() {
-    use callcoach::ledger::Finish;
+    use callcoach::ledger::{Claimed, Outcome};
     let app = spawn_app().await;
     let pg = &app.app.pg;
     let mut expected = Vec::new();
@@ -171,26 +168,30 @@ async fn grouped_ledger_writes_answer_each_caller_correctly() {
     let ledger = &app.app.jobs.ledger;
     let claims = expected.iter().map(|(id, d, _)| ledger.claim(*id, *d));
     let answers = futures::future::join_all(claims).await;
+    let claimed = Claimed {
+        attempt: 1,
+        max_attempts: 4,
+    };
     for ((_, _, claimable), answer) in expected.iter().zip(answers) {
-        let answer = answer.unwrap();
-        assert_eq!(answer, claimable.then_some((1, 4)));
+        assert_eq!(answer.unwrap(), claimable.then_some(claimed));
     }
-    let finishes = expected.iter().map(|(id, _, _)| {
-        ledger.finish(Finish {
-            id: *id,
-            status: "failed",
-            result: None,
-            error: Some(format!("error of {id}")),
-        })
+    let finishes = expected.iter().map(|(id, d, _)| {
+        ledger.finish(*id, *d, Outcome::Failed(format!("error of {id}")))
     });
-    for written in futures::future::join_all(finishes).await {
-        written.unwrap();
+    let applied = futures::future::join_all(finishes).await;
+    for ((_, _, claimable), applied) in expected.iter().zip(applied) {
+        assert_eq!(applied.unwrap(), *claimable, "only running deliveries take an outcome");
     }
     let mismatched: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE status <> 'failed' OR last_error <> 'error of ' || id",
+        "SELECT count(*) FROM jobs WHERE status = 'failed' AND last_error <> 'error of ' || id",
     )
     .fetch_one(pg)
     .await
     .unwrap();
     assert_eq!(mismatched, 0);
+    let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'failed'")
+        .fetch_one(pg)
+        .await
+        .unwrap();
+    assert_eq!(failed, 100);
 }

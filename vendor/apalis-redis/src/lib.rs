@@ -176,11 +176,20 @@ where
             let config = self.config().clone();
             let mut conn = self.persist.conn.clone();
             self.cleanup = Some(
+                // callcoach patch (see vendor/README.md): upstream removed the in-flight set's
+                // key instead of the worker's name, so a stopped worker stayed registered. A
+                // stopping worker now hands its fetched, unfinished tasks back to the queue and
+                // deregisters, in one script.
                 async move {
-                    redis::cmd("ZREM")
-                        .arg(config.workers_set())
-                        .arg(config.inflight_set_for(&worker))
-                        .query_async::<u32>(&mut conn)
+                    let script = redis::Script::new(include_str!("../lua/reenqueue_orphaned.lua"));
+                    script
+                        .key(config.workers_set())
+                        .key(config.active_jobs_list())
+                        .key(config.signal_list())
+                        .key(config.inflight_jobs_set())
+                        .arg(u64::MAX / 2)
+                        .arg(worker.name())
+                        .invoke_async::<u32>(&mut conn)
                         .await?;
                     Ok(())
                 }

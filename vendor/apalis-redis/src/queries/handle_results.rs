@@ -29,6 +29,7 @@ pub(crate) async fn handle_results<C: ConnectionLike>(
         .key(dead_jobs_set)
         .key(scheduled_jobs_set)
         .key(job_meta_hash)
+        .key(config.job_data_hash())
         .arg(config.emit_events);
 
     let timestamp = current_timestamp();
