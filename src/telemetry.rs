@@ -17,6 +17,10 @@ pub mod names {
     pub const CACHE_CORRUPT: &str = "callcoach_cache_corrupt_total";
     /// Single-flight waits: analyses that reused another caller's computation, by `dimension`.
     pub const CACHE_SINGLEFLIGHT_WAITS: &str = "callcoach_cache_singleflight_waits_total";
+    /// Answers paid for by an earlier run and reused instead of calling the LLM again.
+    pub const CACHE_PAID_REUSED: &str = "callcoach_cache_paid_reused_total";
+    /// Single-flight computations stopped because another caller took their lease.
+    pub const CACHE_LEASE_LOST: &str = "callcoach_cache_lease_lost_total";
     /// Times the Redis circuit breaker opened.
     pub const CACHE_BREAKER_OPENED: &str = "callcoach_cache_breaker_opened_total";
     /// 1 while the Redis circuit breaker is open.

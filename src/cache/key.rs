@@ -46,9 +46,9 @@ impl std::fmt::Display for CacheKey {
 }
 
 impl CacheKey {
-    /// Key of the single-flight lease guarding this entry.
-    pub fn lease_key(&self) -> String {
-        format!("lease:{self}")
+    /// Redis key of an answer that was paid for but is not stored durably yet.
+    pub fn paid_key(&self) -> String {
+        format!("paid:{self}")
     }
 }
 
@@ -153,7 +153,7 @@ mod tests {
         let s = key.to_string();
         assert!(s.starts_with("coaching:discovery:abc:se-1.0.0:"), "{s}");
         assert_eq!(s.split(':').count(), 5);
-        assert_eq!(key.lease_key(), format!("lease:{s}"));
+        assert_eq!(key.paid_key(), format!("paid:{s}"));
     }
 
     #[test]

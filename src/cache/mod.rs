@@ -2,11 +2,13 @@
 //!
 //! Lookup order: Redis (through a circuit breaker, see [`redis_tier`]), then the Postgres
 //! `coaching_cache` table (a hit refills Redis). On a miss, single-flight makes sure only one
-//! caller computes a key at a time, across workers and processes: the owner holds a lease
-//! (Redis `SET NX PX` with an owner token, or a `cache_leases` row while Redis is down, never
-//! a transaction held across the LLM call), renewed every third of its lifetime while it
-//! computes; the others poll the tiers until the result appears, or until the lease is gone
-//! (owner failed, or crashed and stopped renewing) and they may take it.
+//! caller computes a key at a time, across workers and processes: the owner holds the key's
+//! `cache_leases` row in Postgres (one lease authority, whatever state Redis is in; a few ms
+//! on a path that costs seconds of LLM time, and never a transaction held across the LLM
+//! call), renewed with an ownership check every third of its lifetime while it computes; the
+//! others poll the tiers until the result appears, or until the lease is gone (owner failed,
+//! or crashed and stopped renewing) and they may take it. A paid answer is kept until it is
+//! stored durably, so it is never paid for twice.
 //! `ENABLE_CACHING=false` skips reads and leases; results are still recorded.
 
 pub mod key;
@@ -78,29 +80,22 @@ pub struct CacheOptions {
     pub max_wait: Duration,
 }
 
-/// Where a lease is held.
-#[derive(Debug)]
-enum LeaseStore {
-    Redis,
-    Postgres,
-}
-
-/// Proof of being the one caller computing a key.
+/// Proof of being the one caller computing a key: a `cache_leases` row with our owner token.
 #[derive(Debug)]
 pub struct Lease {
-    key: String,
     cache_key: String,
     owner: Uuid,
-    store: LeaseStore,
 }
 
-/// Deletes a Redis lease only if we still own it.
-const RELEASE_LUA: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+/// How long an answer that was paid for but not stored durably is kept in Redis.
+pub const PAID_TTL: Duration = Duration::from_secs(6 * 3600);
 
-/// Extends a Redis lease only if we still own it.
-const RENEW_LUA: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-     return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0";
+/// An answer kept between the LLM response and the durable write.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Paid<T> {
+    result: CoachingResult,
+    extra: T,
+}
 
 /// The tiered cache. Cheap to clone.
 #[derive(Clone)]
@@ -108,8 +103,8 @@ pub struct CoachingCache {
     redis: Arc<RedisTier>,
     pg: PgPool,
     options: CacheOptions,
-    release: Arc<redis::Script>,
-    renew: Arc<redis::Script>,
+    /// Paid answers not yet stored durably, for when Redis cannot keep them either.
+    paid: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
 }
 
 impl CoachingCache {
@@ -124,8 +119,7 @@ impl CoachingCache {
             redis: Arc::new(RedisTier::new(redis, redis_timeout, pg.clone())),
             pg,
             options,
-            release: Arc::new(redis::Script::new(RELEASE_LUA)),
-            renew: Arc::new(redis::Script::new(RENEW_LUA)),
+            paid: Arc::default(),
         }
     }
 
@@ -136,32 +130,42 @@ impl CoachingCache {
 
     /// Returns the cached result, or computes it exactly once across all callers.
     ///
-    /// `compute` must durably store the result in `coaching_cache` before returning (the
-    /// analysis job does so in the same transaction as the run); this function then fills
-    /// Redis and releases the lease.
-    pub async fn get_or_compute<T, E, Fut>(
+    /// One lease authority per key, the `cache_leases` row: the caller that holds it runs
+    /// `compute` (the LLM call) while renewing it with an ownership check, and stops if the
+    /// lease was lost. The answer is kept under [`CacheKey::paid_key`] (Redis, and in memory)
+    /// before `store` writes it durably, so a run that dies or cannot reach Postgres after
+    /// paying hands the answer to the next run instead of paying again. `store` must write
+    /// the result to `coaching_cache` unless a row exists, and return the stored (winning)
+    /// result; Redis is then filled with that row, so the tiers never disagree.
+    pub async fn get_or_compute<T, E, C, CF, S, SF>(
         &self,
         key: &CacheKey,
-        compute: impl FnOnce() -> Fut,
+        compute: C,
+        store: S,
     ) -> Result<Outcome<T>, E>
     where
-        Fut: Future<Output = Result<(CoachingResult, T), E>>,
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        C: FnOnce() -> CF,
+        CF: Future<Output = Result<(CoachingResult, T), E>>,
+        S: FnOnce(CoachingResult, &T) -> SF,
+        SF: Future<Output = Result<CoachingResult, E>>,
         E: From<anyhow::Error>,
     {
         if !self.options.enabled {
             let (result, extra) = compute().await?;
+            let result = store(result, &extra).await?;
             return Ok(Outcome::Computed { result, extra });
         }
         let started = Instant::now();
         let deadline = started + self.options.max_wait;
-        let mut counted = false;
+        let mut first = true;
         let mut pause = Duration::from_millis(10);
         loop {
-            if let Some((result, tier)) = self.lookup(key, !counted).await? {
-                let waited = if counted {
-                    started.elapsed()
-                } else {
+            if let Some((result, tier)) = self.lookup(key, first).await? {
+                let waited = if first {
                     Duration::ZERO
+                } else {
+                    started.elapsed()
                 };
                 return Ok(Outcome::Hit {
                     result,
@@ -169,11 +173,9 @@ impl CoachingCache {
                     waited,
                 });
             }
-            if !counted {
-                counted = true;
-            }
+            first = false;
             if let Some(lease) = self.acquire(key).await? {
-                return self.compute_with(key, lease, compute).await;
+                return self.compute_with(key, lease, compute, store).await;
             }
             if Instant::now() > deadline {
                 return Err(anyhow::anyhow!("gave up waiting for the computation of {key}").into());
@@ -183,14 +185,19 @@ impl CoachingCache {
         }
     }
 
-    async fn compute_with<T, E, Fut>(
+    async fn compute_with<T, E, C, CF, S, SF>(
         &self,
         key: &CacheKey,
         lease: Lease,
-        compute: impl FnOnce() -> Fut,
+        compute: C,
+        store: S,
     ) -> Result<Outcome<T>, E>
     where
-        Fut: Future<Output = Result<(CoachingResult, T), E>>,
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        C: FnOnce() -> CF,
+        CF: Future<Output = Result<(CoachingResult, T), E>>,
+        S: FnOnce(CoachingResult, &T) -> SF,
+        SF: Future<Output = Result<CoachingResult, E>>,
         E: From<anyhow::Error>,
     {
         // Someone may have finished between our lookup and our lease.
@@ -202,18 +209,98 @@ impl CoachingCache {
                 waited: Duration::ZERO,
             });
         }
-        // The lease is renewed while the computation runs, so it only expires (letting a
-        // waiter take over) when its owner died.
-        let computed = tokio::select! {
-            computed = compute() => computed,
-            never = self.keep_renewing(&lease) => match never {},
-        };
-        if let Ok((result, _)) = &computed {
-            self.redis_put(key, result).await;
-        }
+        let outcome = self.compute_and_store(key, &lease, compute, store).await;
+        // On failure too: a waiter may take over at once (reusing a paid answer, if any).
         self.release(lease).await;
-        let (result, extra) = computed?;
+        let (result, extra) = outcome?;
         Ok(Outcome::Computed { result, extra })
+    }
+
+    /// Under the lease: reuses a paid answer or computes one (keeping it until stored), then
+    /// stores it durably and fills Redis with the stored row.
+    async fn compute_and_store<T, E, C, CF, S, SF>(
+        &self,
+        key: &CacheKey,
+        lease: &Lease,
+        compute: C,
+        store: S,
+    ) -> Result<(CoachingResult, T), E>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned,
+        C: FnOnce() -> CF,
+        CF: Future<Output = Result<(CoachingResult, T), E>>,
+        S: FnOnce(CoachingResult, &T) -> SF,
+        SF: Future<Output = Result<CoachingResult, E>>,
+        E: From<anyhow::Error>,
+    {
+        let (result, extra) = match self.take_paid::<T>(key).await {
+            Some(paid) => {
+                tracing::info!(key = %key, "reusing an answer paid for by an earlier run");
+                metrics::counter!(names::CACHE_PAID_REUSED).increment(1);
+                (paid.result, paid.extra)
+            }
+            None => {
+                // Renewed while the computation runs; if another caller took the lease
+                // (ours expired), this computation stops.
+                let computed = tokio::select! {
+                    computed = compute() => computed?,
+                    lost = self.keep_renewing(lease) => return Err(lost.into()),
+                };
+                self.keep_paid(key, &computed.0, &computed.1).await;
+                computed
+            }
+        };
+        let result = store(result, &extra).await?;
+        self.redis_put(key, &result).await;
+        self.forget_paid(key).await;
+        Ok((result, extra))
+    }
+
+    /// Keeps a paid answer until it is stored durably: in Redis (so any worker's re-run finds
+    /// it) and in this process (for when Redis is unavailable too).
+    async fn keep_paid<T: serde::Serialize>(&self, key: &CacheKey, result: &CoachingResult, extra: &T) {
+        let Ok(bytes) = serde_json::to_vec(&Paid { result: result.clone(), extra }) else {
+            return;
+        };
+        let kept = self
+            .redis
+            .query::<()>(
+                redis::cmd("SET")
+                    .arg(key.paid_key())
+                    .arg(&bytes)
+                    .arg("EX")
+                    .arg(PAID_TTL.as_secs()),
+            )
+            .await;
+        if let Err(e) = kept {
+            tracing::warn!(error = %e, "paid answer kept in memory only");
+        }
+        if let Ok(mut paid) = self.paid.lock() {
+            paid.insert(key.to_string(), bytes);
+        }
+    }
+
+    async fn take_paid<T: serde::de::DeserializeOwned>(&self, key: &CacheKey) -> Option<Paid<T>> {
+        let local = self.paid.lock().ok().and_then(|p| p.get(&key.to_string()).cloned());
+        let bytes = match local {
+            Some(bytes) => bytes,
+            None => self
+                .redis
+                .query::<Option<Vec<u8>>>(redis::cmd("GET").arg(key.paid_key()))
+                .await
+                .ok()??,
+        };
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    async fn forget_paid(&self, key: &CacheKey) {
+        if let Ok(mut paid) = self.paid.lock() {
+            paid.remove(&key.to_string());
+        }
+        let _ = self
+            .redis
+            .query::<()>(redis::cmd("DEL").arg(key.paid_key()))
+            .await;
     }
 
     /// Looks the key up in Redis, then Postgres (refilling Redis on a Postgres hit). `count`
@@ -293,42 +380,10 @@ impl CoachingCache {
         }
     }
 
-    /// Tries to become the computing caller: a Redis lease, or a Postgres lease row when Redis
-    /// is unavailable. `None` means someone else holds it.
+    /// Tries to become the computing caller: inserts the key's lease row, or takes it over
+    /// when it expired. `None` means another caller holds it.
     async fn acquire(&self, key: &CacheKey) -> anyhow::Result<Option<Lease>> {
         let owner = Uuid::new_v4();
-        let ttl_ms = self.options.lease_ttl.as_millis() as u64;
-        let lease_key = key.lease_key();
-        let set = self
-            .redis
-            .query::<Option<String>>(
-                redis::cmd("SET")
-                    .arg(&lease_key)
-                    .arg(owner.to_string())
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl_ms),
-            )
-            .await;
-        let store = match set {
-            Ok(Some(_)) => LeaseStore::Redis,
-            Ok(None) => return Ok(None),
-            Err(_) => {
-                if !self.pg_acquire(key, owner).await? {
-                    return Ok(None);
-                }
-                LeaseStore::Postgres
-            }
-        };
-        Ok(Some(Lease {
-            key: lease_key,
-            cache_key: key.to_string(),
-            owner,
-            store,
-        }))
-    }
-
-    async fn pg_acquire(&self, key: &CacheKey, owner: Uuid) -> sqlx::Result<bool> {
         let won: Option<Uuid> = sqlx::query_scalar(
             "INSERT INTO cache_leases (cache_key, owner, expires_at)
              VALUES ($1, $2, now() + make_interval(secs => $3))
@@ -341,70 +396,53 @@ impl CoachingCache {
         .bind(self.options.lease_ttl.as_secs_f64())
         .fetch_optional(&self.pg)
         .await?;
-        Ok(won.is_some())
+        Ok(won.map(|owner| Lease {
+            cache_key: key.to_string(),
+            owner,
+        }))
     }
 
-    /// Extends the lease every third of its lifetime, forever (the caller stops it).
-    async fn keep_renewing(&self, lease: &Lease) -> std::convert::Infallible {
+    /// Extends the lease every third of its lifetime while it is ours; returns (an error)
+    /// as soon as a renewal finds that another caller owns it. A renewal that cannot reach
+    /// Postgres is retried on the next tick.
+    async fn keep_renewing(&self, lease: &Lease) -> anyhow::Error {
         let ttl = self.options.lease_ttl;
         let mut tick = tokio::time::interval(ttl / 3);
         tick.tick().await;
         loop {
             tick.tick().await;
-            if let Err(e) = self.renew(lease, ttl).await {
-                tracing::warn!(error = %e, "lease renewal failed; it may expire");
+            let renewed = sqlx::query(
+                "UPDATE cache_leases SET expires_at = now() + make_interval(secs => $3)
+                 WHERE cache_key = $1 AND owner = $2",
+            )
+            .bind(&lease.cache_key)
+            .bind(lease.owner)
+            .bind(ttl.as_secs_f64())
+            .execute(&self.pg)
+            .await;
+            match renewed {
+                Ok(done) if done.rows_affected() == 0 => {
+                    metrics::counter!(names::CACHE_LEASE_LOST).increment(1);
+                    return anyhow::anyhow!(
+                        "single-flight lease of {} was taken over; stopping this computation",
+                        lease.cache_key
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "lease renewal failed; it may expire"),
             }
         }
     }
 
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> anyhow::Result<()> {
-        let owner = lease.owner.to_string();
-        match lease.store {
-            LeaseStore::Redis => {
-                let ttl_ms = ttl.as_millis().to_string();
-                self.redis
-                    .script::<i64>(&self.renew, &[&lease.key], &[&owner, &ttl_ms])
-                    .await?;
-            }
-            LeaseStore::Postgres => {
-                sqlx::query(
-                    "UPDATE cache_leases SET expires_at = now() + make_interval(secs => $3)
-                     WHERE cache_key = $1 AND owner = $2",
-                )
-                .bind(&lease.cache_key)
-                .bind(lease.owner)
-                .bind(ttl.as_secs_f64())
-                .execute(&self.pg)
-                .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Gives a lease back (only if still ours); an expired lease needs nothing.
+    /// Gives a lease back (only if still ours); an unreleased lease expires by itself.
     async fn release(&self, lease: Lease) {
-        let owner = lease.owner.to_string();
-        match lease.store {
-            LeaseStore::Redis => {
-                let released = self
-                    .redis
-                    .script::<i64>(&self.release, &[&lease.key], &[&owner])
-                    .await;
-                if let Err(e) = released {
-                    tracing::debug!(error = %e, "lease release skipped; it will expire");
-                }
-            }
-            LeaseStore::Postgres => {
-                let deleted =
-                    sqlx::query("DELETE FROM cache_leases WHERE cache_key = $1 AND owner = $2")
-                        .bind(&lease.cache_key)
-                        .bind(lease.owner)
-                        .execute(&self.pg)
-                        .await;
-                if let Err(e) = deleted {
-                    tracing::warn!(error = %e, "lease release failed; it will expire");
-                }
-            }
+        let deleted = sqlx::query("DELETE FROM cache_leases WHERE cache_key = $1 AND owner = $2")
+            .bind(&lease.cache_key)
+            .bind(lease.owner)
+            .execute(&self.pg)
+            .await;
+        if let Err(e) = deleted {
+            tracing::warn!(error = %e, "lease release failed; it will expire");
         }
     }
 

@@ -143,15 +143,17 @@ async fn analyse_dimension(
     };
     let outcome = ctx
         .cache
-        .get_or_compute(&key, || async {
-            let (result, usage) = call_llm(ctx, &prompt).await?;
-            let run = StoredRun {
-                usage,
-                ..run.clone()
-            };
-            store(ctx, &run, &result).await.map_err(JobError::Retry)?;
-            Ok::<_, JobError>((result, ()))
-        })
+        .get_or_compute(
+            &key,
+            || call_llm(ctx, &prompt),
+            |result, usage: &Usage| {
+                let run = StoredRun {
+                    usage: *usage,
+                    ..run.clone()
+                };
+                async move { store(ctx, &run, &result).await.map_err(JobError::Retry) }
+            },
+        )
         .await?;
     let (result, source) = match outcome {
         Outcome::Computed { result, .. } => (result, "llm"),
@@ -162,8 +164,8 @@ async fn analyse_dimension(
         } => {
             run.source = tier.as_str();
             run.waited = waited;
-            store(ctx, &run, &result).await.map_err(JobError::Retry)?;
-            (result, tier.as_str())
+            let stored = store(ctx, &run, &result).await.map_err(JobError::Retry)?;
+            (stored, tier.as_str())
         }
     };
     Ok(DimensionOutcome {
@@ -270,24 +272,77 @@ struct StoredRun<'a> {
     waited: Duration,
 }
 
-/// Writes the run, the session (unless this call already has one for the key's dimension and
-/// rubric version) and the durable cache row, in one transaction.
+/// Writes the analysis run, this call's coaching session for the key (unless it has one) and
+/// the durable cache row (unless another caller's row won), in one transaction serialized per
+/// cache key. Returns the stored result: the winner's, if a cache row already existed, so the
+/// session, the cache row and Redis all carry the same answer. The cache row always points at
+/// a session that exists.
 async fn store(
     ctx: &JobContext,
     run: &StoredRun<'_>,
     result: &CoachingResult,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<CoachingResult> {
     let key = run.key.to_string();
-    let result_json = serde_json::to_value(result)?;
     let mut tx = ctx.pg.begin().await?;
-    // Serializes concurrent writers of the same (call, dimension, rubric version).
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-        .bind(format!(
-            "{}:{}:{}",
-            run.call.id, run.key.dimension, run.key.rubric_version
-        ))
+        .bind(&key)
         .execute(&mut *tx)
         .await?;
+    let winner: Option<serde_json::Value> =
+        sqlx::query_scalar("SELECT result FROM coaching_cache WHERE cache_key = $1")
+            .bind(&key)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let cached = winner.is_some();
+    let result_json = match winner {
+        Some(json) => json,
+        None => serde_json::to_value(result)?,
+    };
+    let stored: CoachingResult = serde_json::from_value(result_json.clone())?;
+    let run_id = insert_run(&mut tx, run, &key).await?;
+    let existing: Option<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM coaching_sessions WHERE call_id = $1 AND cache_key = $2 LIMIT 1",
+    )
+    .bind(run.call.id)
+    .bind(&key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let session_id = match existing {
+        Some(id) => id,
+        None => insert_session(&mut tx, run, &key, &stored, &result_json, run_id).await?,
+    };
+    if !cached {
+        sqlx::query(
+            "INSERT INTO coaching_cache (cache_key, dimension, transcript_hash, role, rubric_version,
+                 fingerprint, result, session_id, model)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&key)
+        .bind(run.key.dimension.as_str())
+        .bind(&run.key.transcript_hash)
+        .bind(run.key.role.as_str())
+        .bind(&run.key.rubric_version)
+        .bind(&run.key.fingerprint)
+        .bind(&result_json)
+        .bind(session_id)
+        .bind(run.model)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    metrics::counter!(names::ANALYSIS_RUNS, "source" => run.source).increment(1);
+    if !run.waited.is_zero() {
+        metrics::counter!(names::CACHE_SINGLEFLIGHT_WAITS, "dimension" => run.key.dimension.as_str())
+            .increment(1);
+    }
+    Ok(stored)
+}
+
+async fn insert_run(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    run: &StoredRun<'_>,
+    key: &str,
+) -> sqlx::Result<Uuid> {
     let run_id = Uuid::now_v7();
     let u = run.usage;
     sqlx::query(
@@ -301,7 +356,7 @@ async fn store(
     .bind(run.call.id)
     .bind(run.key.dimension.as_str())
     .bind(&run.key.rubric_version)
-    .bind(&key)
+    .bind(key)
     .bind(run.source)
     .bind(run.model)
     .bind(u.input_tokens as i64)
@@ -310,50 +365,37 @@ async fn store(
     .bind(u.cache_read_input_tokens as i64)
     .bind(run.started.elapsed().as_millis() as i64)
     .bind(run.waited.as_millis() as i64)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
+    Ok(run_id)
+}
+
+async fn insert_session(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    run: &StoredRun<'_>,
+    key: &str,
+    result: &CoachingResult,
+    result_json: &serde_json::Value,
+    run_id: Uuid,
+) -> sqlx::Result<Uuid> {
     let session_id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO coaching_sessions (id, call_id, rep_email, dimension, rubric_version, cache_key,
              score, result, analysis_run_id)
-         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
-         WHERE NOT EXISTS (SELECT 1 FROM coaching_sessions
-                           WHERE call_id = $2 AND dimension = $4 AND rubric_version = $5)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(session_id)
     .bind(run.call.id)
     .bind(&run.call.rep_email)
     .bind(run.key.dimension.as_str())
     .bind(&run.key.rubric_version)
-    .bind(&key)
+    .bind(key)
     .bind(i32::from(result.score))
-    .bind(&result_json)
+    .bind(result_json)
     .bind(run_id)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
-    sqlx::query(
-        "INSERT INTO coaching_cache (cache_key, dimension, transcript_hash, role, rubric_version,
-             fingerprint, result, session_id, model)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (cache_key) DO NOTHING",
-    )
-    .bind(&key)
-    .bind(run.key.dimension.as_str())
-    .bind(&run.key.transcript_hash)
-    .bind(run.key.role.as_str())
-    .bind(&run.key.rubric_version)
-    .bind(&run.key.fingerprint)
-    .bind(&result_json)
-    .bind(session_id)
-    .bind(run.model)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    metrics::counter!(names::ANALYSIS_RUNS, "source" => run.source).increment(1);
-    if !run.waited.is_zero() {
-        metrics::counter!(names::CACHE_SINGLEFLIGHT_WAITS, "dimension" => run.key.dimension.as_str())
-            .increment(1);
-    }
-    Ok(())
+    Ok(session_id)
 }
 
 /// General coaching instructions (the first cached prompt block).

@@ -261,31 +261,16 @@ async fn a_crashed_owners_lease_expires_and_a_waiter_computes() {
     .await;
     let call_id = app.ingest(&sample_call("crashed")).await;
     let key = key_for(&app, call_id, DISC).await;
-    // An owner that died right after taking the Redis lease.
-    let mut conn = app.redis.conn().await;
-    let _: () = redis::cmd("SET")
-        .arg(key.lease_key())
-        .arg("dead-owner")
-        .arg("PX")
-        .arg(800)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // An owner that died right after taking the lease.
+    dead_owner_lease(&app, &key).await;
     let job = app.perform(&app.app, call_id, &[DISC]).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(app.emulator.messages_served(), 1);
-    // The same with Redis down: the lease is a Postgres row.
+    // The same with Redis down: the lease lives in Postgres either way.
     app.redis.stop();
     let other = app.ingest(&sample_call("crashed-pg")).await;
     let key = key_for(&app, other, DISC).await;
-    sqlx::query(
-        "INSERT INTO cache_leases (cache_key, owner, expires_at) VALUES ($1, $2, now() + interval '800 milliseconds')",
-    )
-    .bind(key.to_string())
-    .bind(Uuid::new_v4())
-    .execute(&app.app.pg)
-    .await
-    .unwrap();
+    dead_owner_lease(&app, &key).await;
     let job = app.perform(&app.app, other, &[DISC]).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(app.emulator.messages_served(), 2);
@@ -473,4 +458,16 @@ async fn redis_entries_carry_the_configured_ttl() {
     let mut conn = app.redis.conn().await;
     let ttl: i64 = conn.ttl(key.to_string()).await.unwrap();
     assert!((7 * 86_400 - 60..=7 * 86_400).contains(&ttl), "{ttl}");
+}
+
+/// A `cache_leases` row of an owner that died: it expires in 800 ms.
+async fn dead_owner_lease(app: &crate::helpers::TestApp, key: &callcoach::cache::CacheKey) {
+    sqlx::query(
+        "INSERT INTO cache_leases (cache_key, owner, expires_at) VALUES ($1, $2, now() + interval '800 milliseconds')",
+    )
+    .bind(key.to_string())
+    .bind(Uuid::new_v4())
+    .execute(&app.app.pg)
+    .await
+    .unwrap();
 }
