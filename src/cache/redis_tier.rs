@@ -2,18 +2,20 @@
 //!
 //! Every command runs with a short timeout (`REDIS_CACHE_TIMEOUT_MS`, default 25 ms). After
 //! three consecutive failures the breaker opens: calls skip Redis at once and the cache
-//! answers from Postgres. While it is open, one background task PINGs Redis every 250 ms; the
-//! first answer closes the breaker, so Redis coming back is used again without a restart.
+//! answers from Postgres. While it is open, one background task PINGs Redis every 250 ms;
+//! only an answer within the same 25 ms counts (a slow Redis stays skipped), and it half-opens
+//! the breaker: one trial call goes to Redis and closes it, or opens it again without
+//! flapping. Redis coming back is used again without a restart.
 //! At most `REDIS_MAX_CONNECTIONS` commands are in flight; further callers queue for a slot
 //! within the same timeout and count as a Redis error (never silently) if none frees up.
 
-use crate::telemetry::names;
+use crate::{supervise, telemetry::names};
 use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering},
     },
     time::Duration,
 };
@@ -28,44 +30,110 @@ pub enum BreakerState {
     Closed,
     /// Redis is skipped until a probe succeeds.
     Open,
+    /// A probe succeeded: one trial call goes to Redis; its outcome closes or re-opens.
+    HalfOpen,
 }
 
-/// A lock-free circuit breaker.
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+const HALF_OPEN: u8 = 2;
+
+/// Whether a call may use Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Permit {
+    /// Closed: go ahead.
+    Call,
+    /// Half-open: this call is the trial.
+    Trial,
+    /// Open, or half-open with a trial already under way: skip Redis.
+    Skip,
+}
+
+/// A lock-free circuit breaker: closed → (3 failures) open → (probe answered within the
+/// command timeout) half-open → (trial call succeeds) closed, or (trial fails) open.
 #[derive(Debug, Default)]
 pub struct Breaker {
     failures: AtomicU32,
-    open: AtomicBool,
+    state: AtomicU8,
+    trial: AtomicBool,
 }
 
 impl Breaker {
     /// Current state.
     pub fn state(&self) -> BreakerState {
-        if self.open.load(Ordering::Acquire) {
-            BreakerState::Open
-        } else {
-            BreakerState::Closed
+        match self.state.load(Ordering::Acquire) {
+            OPEN => BreakerState::Open,
+            HALF_OPEN => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
         }
     }
 
-    /// Records a successful call: closes the breaker.
-    pub fn success(&self) {
+    /// Asks to use Redis for one call.
+    pub fn permit(&self) -> Permit {
+        match self.state() {
+            BreakerState::Closed => Permit::Call,
+            BreakerState::Open => Permit::Skip,
+            BreakerState::HalfOpen => {
+                if self
+                    .trial
+                    .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    Permit::Trial
+                } else {
+                    Permit::Skip
+                }
+            }
+        }
+    }
+
+    /// Records a successful call: a closed breaker forgets its failures; a successful trial
+    /// closes a half-open one.
+    pub fn success(&self, permit: Permit) {
         self.failures.store(0, Ordering::Relaxed);
-        if self.open.swap(false, Ordering::AcqRel) {
-            tracing::info!("redis is back; cache circuit breaker closed");
-            metrics::gauge!(names::CACHE_BREAKER_OPEN).set(0.0);
+        if permit == Permit::Trial {
+            self.trial.store(false, Ordering::Release);
+            if self
+                .state
+                .compare_exchange(HALF_OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                tracing::info!("redis is back; cache circuit breaker closed");
+                metrics::gauge!(names::CACHE_BREAKER_OPEN).set(0.0);
+            }
         }
     }
 
-    /// Records a failed call; returns true if this failure opened the breaker.
-    pub fn failure(&self) -> bool {
+    /// Records a failed call; returns true if this failure opened the breaker (the caller
+    /// then starts a probe).
+    pub fn failure(&self, permit: Permit) -> bool {
+        if permit == Permit::Trial {
+            self.trial.store(false, Ordering::Release);
+            return self
+                .state
+                .compare_exchange(HALF_OPEN, OPEN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        }
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < FAILURES_TO_OPEN || self.open.swap(true, Ordering::AcqRel) {
+        if failures < FAILURES_TO_OPEN
+            || self
+                .state
+                .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
             return false;
         }
         tracing::warn!("redis unavailable; cache circuit breaker open, using postgres");
         metrics::counter!(names::CACHE_BREAKER_OPENED).increment(1);
         metrics::gauge!(names::CACHE_BREAKER_OPEN).set(1.0);
         true
+    }
+
+    /// A probe got an answer within the command timeout: let one trial call through.
+    pub fn probe_succeeded(&self) {
+        let _ = self
+            .state
+            .compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
@@ -133,35 +201,40 @@ impl RedisTier {
         &self,
         run: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, RedisSkip> {
-        if self.breaker.state() == BreakerState::Open {
+        let permit = self.breaker.permit();
+        if permit == Permit::Skip {
             return Err(RedisSkip::Open);
         }
         match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok(value)) => {
-                self.breaker.success();
+                self.breaker.success(permit);
                 Ok(value)
             }
-            Ok(Err(e)) => Err(self.failed(e.to_string())),
-            Err(_) => Err(self.failed(format!("timed out after {:?}", self.timeout))),
+            Ok(Err(e)) => Err(self.failed(permit, e.to_string())),
+            Err(_) => Err(self.failed(permit, format!("timed out after {:?}", self.timeout))),
         }
     }
 
-    fn failed(&self, message: String) -> RedisSkip {
+    fn failed(&self, permit: Permit, message: String) -> RedisSkip {
         metrics::counter!(names::CACHE_ERRORS, "tier" => "redis").increment(1);
         tracing::debug!(%message, "redis cache command failed");
-        if self.breaker.failure() {
+        if self.breaker.failure(permit) {
             let pg = self.pg.clone();
             tokio::spawn(async move { super::record_counter(&pg, "breaker_open", "").await });
-            tokio::spawn(probe(self.conn.clone(), self.breaker.clone()));
+            let (conn, breaker, timeout) = (self.conn.clone(), self.breaker.clone(), self.timeout);
+            supervise::spawn("breaker probe", move || {
+                probe(conn.clone(), breaker.clone(), timeout)
+            });
         }
         RedisSkip::Failed(message)
     }
 }
 
-/// Waits until Redis answers, then closes the breaker.
-async fn probe(conn: ConnectionManager, breaker: Arc<Breaker>) {
-    crate::wait_for_redis(conn, Duration::from_millis(500)).await;
-    breaker.success();
+/// Waits until Redis answers PING within the cache's own command timeout (an answer that
+/// takes longer would only time out again), then lets a trial call through.
+async fn probe(conn: ConnectionManager, breaker: Arc<Breaker>, timeout: Duration) {
+    crate::wait_for_redis(conn, timeout).await;
+    breaker.probe_succeeded();
 }
 
 #[cfg(test)]
@@ -169,16 +242,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn breaker_opens_after_three_failures_and_closes_on_success() {
+    fn breaker_opens_after_three_failures_and_closes_after_a_trial() {
         let b = Breaker::default();
-        assert!(!b.failure());
-        assert!(!b.failure());
+        assert!(!b.failure(Permit::Call));
+        assert!(!b.failure(Permit::Call));
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(b.failure(), "the third failure opens it");
+        assert!(b.failure(Permit::Call), "the third failure opens it");
         assert_eq!(b.state(), BreakerState::Open);
-        assert!(!b.failure(), "already open: no second announcement");
-        b.success();
+        assert_eq!(b.permit(), Permit::Skip);
+        assert!(!b.failure(Permit::Call), "already open: no second announcement");
+        b.probe_succeeded();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.permit(), Permit::Trial, "one trial call");
+        assert_eq!(b.permit(), Permit::Skip, "only one at a time");
+        b.success(Permit::Trial);
         assert_eq!(b.state(), BreakerState::Closed);
-        assert!(!b.failure(), "the count starts again");
+        assert!(!b.failure(Permit::Call), "the count starts again");
+    }
+
+    #[test]
+    fn a_failed_trial_opens_the_breaker_again() {
+        let b = Breaker::default();
+        for _ in 0..3 {
+            b.failure(Permit::Call);
+        }
+        b.probe_succeeded();
+        let trial = b.permit();
+        assert_eq!(trial, Permit::Trial);
+        assert!(b.failure(trial), "re-opened: a new probe starts");
+        assert_eq!(b.state(), BreakerState::Open);
+        b.probe_succeeded();
+        assert_eq!(b.permit(), Permit::Trial, "the trial slot was given back");
     }
 }

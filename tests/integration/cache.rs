@@ -24,9 +24,20 @@ async fn raw_redis_value(app: &TestApp, key: &CacheKey) -> Option<Vec<u8>> {
     conn.get(key.to_string()).await.unwrap()
 }
 
-/// The breaker's background probe closes it once Redis answers again.
+/// The breaker's background probe half-opens it once Redis answers again; the next call is
+/// the trial that closes it.
 async fn wait_for_breaker_to_close(app: &callcoach::App) {
+    let probe_key = cache::CacheKey {
+        dimension: DISC,
+        transcript_hash: "probe".into(),
+        role: callcoach::model::Role::Ae,
+        rubric_version: "probe".into(),
+        fingerprint: "probe".into(),
+    };
     for _ in 0..100 {
+        if app.jobs.cache.breaker_state() != cache::BreakerState::Open {
+            let _ = app.jobs.cache.lookup(&probe_key, false).await;
+        }
         if app.jobs.cache.breaker_state() == cache::BreakerState::Closed {
             return;
         }
@@ -291,6 +302,7 @@ async fn a_live_owner_renews_its_lease_past_its_lifetime() {
             latency: Duration::from_millis(1200),
             ..Default::default()
         },
+        ..Default::default()
     })
     .await;
     let call_id = app.ingest(&sample_call("renewed")).await;

@@ -2,6 +2,7 @@
 //! emulator in-process, and `spawn_app` wiring them into a running web front (and, on request,
 //! a worker).
 
+use crate::proxy::FaultProxy;
 use callcoach::{
     App,
     config::Settings,
@@ -130,6 +131,10 @@ pub struct TestApp {
     pub env: HashMap<String, String>,
     pub redis: TestRedis,
     pub emulator: EmulatorHandle,
+    /// The network to Postgres, when `Options::proxy_postgres`.
+    pub pg_proxy: Option<FaultProxy>,
+    /// The network to Redis, when `Options::proxy_redis`.
+    pub redis_proxy: Option<FaultProxy>,
     shutdown: CancellationToken,
     worker: Option<WorkerProcess>,
 }
@@ -170,6 +175,23 @@ impl Drop for WorkerProcess {
 pub struct Options {
     pub env: Vec<(&'static str, String)>,
     pub emulator: EmulatorConfig,
+    /// Reach Postgres through a [`FaultProxy`] (`TestApp::pg_proxy`).
+    pub proxy_postgres: bool,
+    /// Reach Redis through a [`FaultProxy`] (`TestApp::redis_proxy`).
+    pub proxy_redis: bool,
+}
+
+/// Rewrites `scheme://[user@]host:port/rest` to go through a proxy; returns the new URL and
+/// the proxy.
+async fn through_proxy(url: &str) -> (String, FaultProxy) {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (user, rest) = match rest.split_once('@') {
+        Some((user, rest)) => (format!("{user}@"), rest),
+        None => (String::new(), rest),
+    };
+    let (addr, path) = rest.split_once('/').unwrap();
+    let proxy = FaultProxy::start(addr.to_string()).await;
+    (format!("{scheme}://{user}127.0.0.1:{}/{path}", proxy.port), proxy)
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -179,14 +201,25 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(options: Options) -> TestApp {
     callcoach::telemetry::init_tracing();
     let redis = TestRedis::start().await;
-    let database_url = fresh_database().await;
+    let mut database_url = fresh_database().await;
+    let mut redis_url = redis.url();
+    let mut pg_proxy = None;
+    let mut redis_proxy = None;
+    if options.proxy_postgres {
+        let (url, proxy) = through_proxy(&database_url).await;
+        (database_url, pg_proxy) = (url, Some(proxy));
+    }
+    if options.proxy_redis {
+        let (url, proxy) = through_proxy(&redis_url).await;
+        (redis_url, redis_proxy) = (url, Some(proxy));
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let emulator = emulator::spawn(listener, options.emulator).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let mut env: HashMap<String, String> = [
         ("DATABASE_URL", database_url),
-        ("REDIS_URL", redis.url()),
+        ("REDIS_URL", redis_url),
         ("ANTHROPIC_BASE_URL", emulator.base_url().to_string()),
         ("PUBLIC_URL", base.clone()),
         ("WORKER_POLL_MS", "20".into()),
@@ -221,6 +254,8 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         env: env_copy,
         redis,
         emulator,
+        pg_proxy,
+        redis_proxy,
         shutdown,
         worker: None,
     }

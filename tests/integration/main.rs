@@ -5,5 +5,7 @@ mod api;
 mod cache;
 mod cli;
 mod helpers;
+mod ledger;
 mod pipeline;
+mod proxy;
 mod queue;

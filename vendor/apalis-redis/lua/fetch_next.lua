@@ -55,38 +55,39 @@ local task_ids = redis.call(
     tonumber(ARGV[2]) - 1
 )
 
-local count = #task_ids
+local fetched = #task_ids
 local results = {}
 local meta = {}
 
-if count > 0 then
-    -- Mark jobs as inflight
-    redis.call("sadd", worker_inflight_set, unpack(task_ids))
-
+if fetched > 0 then
     -- Remove fetched jobs from the active queue
-    redis.call("ltrim", KEYS[2], count, -1)
+    redis.call("ltrim", KEYS[2], fetched, -1)
 
     -- Fetch job data
-    results = redis.call(
-        "hmget",
-        KEYS[4],
-        unpack(task_ids)
-    )
+    local data = redis.call("hmget", KEYS[4], unpack(task_ids))
 
-    -- Fetch metadata
-    for _, task_id in ipairs(task_ids) do
+    -- callcoach patch (see vendor/README.md): an id whose data is gone (lost or pruned) is
+    -- dropped here instead of being handed to the worker, which failed on it and restarted
+    -- forever.
+    for i, task_id in ipairs(task_ids) do
         local meta_key = KEYS[6] .. ":" .. task_id
         local fields = redis.call("hgetall", meta_key)
-
-        -- Insert task ID as the first element
-        table.insert(fields, 1, task_id)
-        table.insert(meta, fields)
+        if data[i] and #fields > 0 then
+            redis.call("sadd", worker_inflight_set, task_id)
+            table.insert(results, data[i])
+            -- Insert task ID as the first element
+            table.insert(fields, 1, task_id)
+            table.insert(meta, fields)
+        else
+            redis.call("hdel", KEYS[4], task_id)
+            redis.call("del", meta_key)
+        end
     end
 end
 
 -- 3. Clear the signal if fewer jobs were fetched
 -- than requested
-if count < tonumber(ARGV[2]) then
+if fetched < tonumber(ARGV[2]) then
     redis.call("del", KEYS[5])
 end
 
