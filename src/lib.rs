@@ -195,6 +195,13 @@ impl App {
             lease: s.job_lease,
             drain: s.worker_drain,
         };
-        worker::run(self.jobs.clone(), self.redis.clone(), upkeep, options, shutdown).await
+        worker::run(
+            self.jobs.clone(),
+            self.redis.clone(),
+            upkeep,
+            options,
+            shutdown,
+        )
+        .await
     }
 }

@@ -267,9 +267,7 @@ async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
         JobsCommand::Kinds => {
             for kind in registry::REGISTRY {
                 let o = &kind.options;
-                let budget = o
-                    .max_attempts
-                    .unwrap_or(app.settings.job_max_attempts);
+                let budget = o.max_attempts.unwrap_or(app.settings.job_max_attempts);
                 println!(
                     "{:<20} lane {:<12} attempts {budget:<3} timeout {:?}",
                     kind.name,
@@ -315,7 +313,11 @@ async fn run_all(app: &App) -> anyhow::Result<()> {
         tracing::error!(role, "role stopped; stopping the process");
         token.cancel();
     }
-    let second = if role == "web" { worker.await } else { web.await };
+    let second = if role == "web" {
+        worker.await
+    } else {
+        web.await
+    };
     first.with_context(|| format!("{role} role failed"))?;
     if unexpected {
         anyhow::bail!("{role} role stopped unexpectedly");

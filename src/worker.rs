@@ -179,7 +179,15 @@ pub async fn run(
         .shutdown_timeout(options.drain);
     for (lane, concurrency) in &options.lanes {
         let wake = WakeHub::spawn(client.clone(), *lane, shutdown.clone());
-        monitor = register(monitor, &ctx, &redis, wake, *lane, *concurrency, options.poll);
+        monitor = register(
+            monitor,
+            &ctx,
+            &redis,
+            wake,
+            *lane,
+            *concurrency,
+            options.poll,
+        );
     }
     let result = monitor
         .run_with_signal(async move {
@@ -203,7 +211,10 @@ async fn hand_back(ctx: &JobContext) {
         return;
     }
     match ledger::hand_back(&ctx.pg, &runs).await {
-        Ok(n) => tracing::info!(handed_back = n, "unfinished jobs handed back for re-delivery"),
+        Ok(n) => tracing::info!(
+            handed_back = n,
+            "unfinished jobs handed back for re-delivery"
+        ),
         Err(e) => tracing::warn!(error = %e, runs = runs.len(),
             "could not hand jobs back; the rescuer re-delivers them when their leases expire"),
     }

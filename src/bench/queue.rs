@@ -17,8 +17,7 @@ use crate::{
     config::Settings,
     delivery::{self, Envelope, Lane},
     jobs::{Job, Noop},
-    ledger,
-    worker,
+    ledger, worker,
 };
 use apalis::prelude::*;
 use indicatif::ProgressBar;
@@ -162,7 +161,9 @@ impl Direct<'_> {
                           lat: Data<Arc<Mutex<Vec<f64>>>>| async move {
                         if done.fetch_add(1, Ordering::Relaxed) >= total {
                             let at = env.args["enqueued_at_us"].as_u64().unwrap_or_default();
-                            lat.lock().await.push(now_us().saturating_sub(at) as f64 / 1000.0);
+                            lat.lock()
+                                .await
+                                .push(now_us().saturating_sub(at) as f64 / 1000.0);
                         }
                         Ok::<(), BoxDynError>(())
                     },
@@ -274,7 +275,9 @@ impl LedgerPath<'_> {
                 .iter()
                 .filter_map(|r| r["processed_jobs_per_sec"].as_f64())
                 .collect();
-            let (lo, hi) = rates.iter().fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
+            let (lo, hi) = rates
+                .iter()
+                .fold((f64::MAX, 0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
             by_workers.insert(
                 format!("{n}_worker_processes"),
                 json!({
@@ -294,7 +297,12 @@ impl LedgerPath<'_> {
         for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
             let batch = chunk
                 .iter()
-                .map(|_| Noop { enqueued_at_us: now_us() }.to_job())
+                .map(|_| {
+                    Noop {
+                        enqueued_at_us: now_us(),
+                    }
+                    .to_job()
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             ids.extend(self.app.queue.enqueue_many(batch).await?);
         }
@@ -304,7 +312,10 @@ impl LedgerPath<'_> {
     async fn enqueue_single(&self, n: usize) -> anyhow::Result<Vec<Uuid>> {
         let mut ids = Vec::with_capacity(n);
         for _ in 0..n {
-            let job = Noop { enqueued_at_us: now_us() }.to_job()?;
+            let job = Noop {
+                enqueued_at_us: now_us(),
+            }
+            .to_job()?;
             ids.push(self.app.queue.enqueue(job).await?.job_id);
         }
         Ok(ids)
@@ -314,7 +325,8 @@ impl LedgerPath<'_> {
     async fn single_enqueue_rate(&self) -> anyhow::Result<f64> {
         let per_producer = (self.bench.jobs / 16).clamp(50, 500);
         let started = Instant::now();
-        let all = futures::future::try_join_all((0..16).map(|_| self.enqueue_single(per_producer))).await?;
+        let all = futures::future::try_join_all((0..16).map(|_| self.enqueue_single(per_producer)))
+            .await?;
         let rate = (per_producer * 16) as f64 / started.elapsed().as_secs_f64();
         self.wait_until_processed(&all.concat(), 120).await?;
         Ok(rate)
@@ -341,17 +353,19 @@ impl LedgerPath<'_> {
     async fn wait_until_processed(&self, ids: &[Uuid], secs: u64) -> anyhow::Result<()> {
         let until = Instant::now() + Duration::from_secs(secs);
         loop {
-            let left: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status <> $2",
-            )
-            .bind(ids)
-            .bind(ledger::JobState::Succeeded.as_str())
-            .fetch_one(&self.app.pg)
-            .await?;
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND status <> $2")
+                    .bind(ids)
+                    .bind(ledger::JobState::Succeeded.as_str())
+                    .fetch_one(&self.app.pg)
+                    .await?;
             if left == 0 {
                 return Ok(());
             }
-            anyhow::ensure!(Instant::now() < until, "{left} jobs not processed after {secs}s");
+            anyhow::ensure!(
+                Instant::now() < until,
+                "{left} jobs not processed after {secs}s"
+            );
             tokio::time::sleep(Duration::from_millis(if ids.len() == 1 { 1 } else { 50 })).await;
         }
     }
@@ -371,7 +385,9 @@ impl LedgerPath<'_> {
             .bind(Noop::JOB_NAME)
             .execute(&self.app.pg)
             .await?;
-        sqlx::query("VACUUM (ANALYZE) jobs").execute(&self.app.pg).await?;
+        sqlx::query("VACUUM (ANALYZE) jobs")
+            .execute(&self.app.pg)
+            .await?;
         Ok(())
     }
 
@@ -395,7 +411,9 @@ impl LedgerPath<'_> {
         self.wait_until_processed(&ids, 900).await?;
         drop(workers);
         let after = redis_footprint(redis).await?;
-        let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&self.app.pg).await?;
+        let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(&self.app.pg)
+            .await?;
         sqlx::query("UPDATE jobs SET finished_at = now() - interval '400 days' WHERE id = ANY($1)")
             .bind(&ids)
             .execute(&self.app.pg)
@@ -403,7 +421,10 @@ impl LedgerPath<'_> {
         let pruned = ledger::prune(&self.app.pg, self.app.settings.job_retention, 5000).await?;
         let after_prune = redis_footprint(redis).await?;
         let growth = |a: &Value, b: &Value, field: &str| {
-            let (a, b) = (a[field].as_f64().unwrap_or(0.0), b[field].as_f64().unwrap_or(0.0));
+            let (a, b) = (
+                a[field].as_f64().unwrap_or(0.0),
+                b[field].as_f64().unwrap_or(0.0),
+            );
             round1((b - a) / a.max(1.0) * 100.0)
         };
         Ok(json!({
@@ -423,7 +444,10 @@ impl LedgerPath<'_> {
 /// Redis `used_memory` and key count.
 async fn redis_footprint(conn: &redis::aio::ConnectionManager) -> anyhow::Result<Value> {
     let mut conn = conn.clone();
-    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await?;
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await?;
     let used = info
         .lines()
         .find_map(|l| l.strip_prefix("used_memory:"))
@@ -481,7 +505,10 @@ async fn clear_lane(mut conn: redis::aio::ConnectionManager) -> anyhow::Result<(
         }
     }
     for batch in keys.chunks(1000) {
-        let _: () = redis::cmd("UNLINK").arg(batch).query_async(&mut conn).await?;
+        let _: () = redis::cmd("UNLINK")
+            .arg(batch)
+            .query_async(&mut conn)
+            .await?;
     }
     Ok(())
 }

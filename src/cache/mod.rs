@@ -258,8 +258,16 @@ impl CoachingCache {
 
     /// Keeps a paid answer until it is stored durably: in Redis (so any worker's re-run finds
     /// it) and in this process (for when Redis is unavailable too).
-    async fn keep_paid<T: serde::Serialize>(&self, key: &CacheKey, result: &CoachingResult, extra: &T) {
-        let Ok(bytes) = serde_json::to_vec(&Paid { result: result.clone(), extra }) else {
+    async fn keep_paid<T: serde::Serialize>(
+        &self,
+        key: &CacheKey,
+        result: &CoachingResult,
+        extra: &T,
+    ) {
+        let Ok(bytes) = serde_json::to_vec(&Paid {
+            result: result.clone(),
+            extra,
+        }) else {
             return;
         };
         let kept = self
@@ -281,7 +289,11 @@ impl CoachingCache {
     }
 
     async fn take_paid<T: serde::de::DeserializeOwned>(&self, key: &CacheKey) -> Option<Paid<T>> {
-        let local = self.paid.lock().ok().and_then(|p| p.get(&key.to_string()).cloned());
+        let local = self
+            .paid
+            .lock()
+            .ok()
+            .and_then(|p| p.get(&key.to_string()).cloned());
         let bytes = match local {
             Some(bytes) => bytes,
             None => self

@@ -250,7 +250,10 @@ mod tests {
         assert!(b.failure(Permit::Call), "the third failure opens it");
         assert_eq!(b.state(), BreakerState::Open);
         assert_eq!(b.permit(), Permit::Skip);
-        assert!(!b.failure(Permit::Call), "already open: no second announcement");
+        assert!(
+            !b.failure(Permit::Call),
+            "already open: no second announcement"
+        );
         b.probe_succeeded();
         assert_eq!(b.state(), BreakerState::HalfOpen);
         assert_eq!(b.permit(), Permit::Trial, "one trial call");

@@ -127,7 +127,7 @@ impl FromRequestParts<AppState> for Principal {
         .bind(sha256_hex(key))
         .fetch_optional(&state.pg)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::unauthorized("invalid or revoked API key"))?;
         let scope: String = row.get("scope");
         Ok(Principal {

@@ -259,7 +259,8 @@ impl RunLabel {
 /// failures only; apalis then retries the delivery a few times, and the rescuer re-issues it
 /// if those fail too.
 pub async fn perform_job(env: Envelope, ctx: &JobContext) -> anyhow::Result<RunLabel> {
-    let span = tracing::info_span!("job", kind = %env.kind, job_id = %env.job_id, delivery = env.delivery);
+    let span =
+        tracing::info_span!("job", kind = %env.kind, job_id = %env.job_id, delivery = env.delivery);
     async move {
         let Some(claim) = ctx.ledger.claim(env.job_id, env.delivery).await? else {
             tracing::debug!("stale delivery skipped");

@@ -57,7 +57,11 @@ impl JobOptions {
     };
 }
 
-type Perform = fn(serde_json::Value, Uuid, JobContext) -> BoxFuture<'static, Result<serde_json::Value, JobError>>;
+type Perform = fn(
+    serde_json::Value,
+    Uuid,
+    JobContext,
+) -> BoxFuture<'static, Result<serde_json::Value, JobError>>;
 
 /// A registered kind: its name, options and a type-erased `perform`.
 pub struct JobKind {
@@ -105,7 +109,9 @@ impl JobKind {
 }
 
 fn check_erased<J: Job>(args: &serde_json::Value) -> Result<(), String> {
-    J::deserialize(args).map(|_: J| ()).map_err(|e| e.to_string())
+    J::deserialize(args)
+        .map(|_: J| ())
+        .map_err(|e| e.to_string())
 }
 
 fn perform_erased<J: Job>(
@@ -114,9 +120,8 @@ fn perform_erased<J: Job>(
     ctx: JobContext,
 ) -> BoxFuture<'static, Result<serde_json::Value, JobError>> {
     Box::pin(async move {
-        let args: J = serde_json::from_value(args).map_err(|e| {
-            JobError::Fail(anyhow::anyhow!("invalid {} payload: {e}", J::JOB_NAME))
-        })?;
+        let args: J = serde_json::from_value(args)
+            .map_err(|e| JobError::Fail(anyhow::anyhow!("invalid {} payload: {e}", J::JOB_NAME)))?;
         args.perform(job_id, &ctx).await
     })
 }
@@ -157,8 +162,14 @@ mod tests {
 
     #[test]
     fn interactive_analyses_and_background_upkeep() {
-        assert_eq!(find("analyze_call").unwrap().options.lane, Lane::Interactive);
-        assert_eq!(find("invalidate_rubric").unwrap().options.lane, Lane::Background);
+        assert_eq!(
+            find("analyze_call").unwrap().options.lane,
+            Lane::Interactive
+        );
+        assert_eq!(
+            find("invalidate_rubric").unwrap().options.lane,
+            Lane::Background
+        );
     }
 
     #[test]

@@ -85,7 +85,10 @@ impl FromStr for JobState {
             .find(|state| state.as_str() == s)
             .ok_or_else(|| {
                 let names: Vec<_> = JobState::ALL.iter().map(|s| s.as_str()).collect();
-                format!("unknown job state {s:?} (expected one of {})", names.join(", "))
+                format!(
+                    "unknown job state {s:?} (expected one of {})",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -285,7 +288,8 @@ pub struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-const COLUMNS: &str = "id, kind, lane, status, payload, attempts, max_attempts, delivery, last_error, result,
+const COLUMNS: &str =
+    "id, kind, lane, status, payload, attempts, max_attempts, delivery, last_error, result,
      enqueued_at, delivered_at, started_at, finished_at";
 
 /// Reads one ledger row.
@@ -355,7 +359,10 @@ mod tests {
 
     #[test]
     fn only_finished_states_are_terminal() {
-        let terminal: Vec<_> = JobState::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = JobState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(
             terminal,
             [JobState::Succeeded, JobState::Failed, JobState::Cancelled]

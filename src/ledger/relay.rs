@@ -179,7 +179,11 @@ impl Upkeep {
         for row in rows {
             let lane: String = row.get("lane");
             let lane: Lane = lane.parse().map_err(anyhow::Error::msg)?;
-            waiting.push((lane, row.get::<Uuid, _>("id"), row.get::<i32, _>("delivery")));
+            waiting.push((
+                lane,
+                row.get::<Uuid, _>("id"),
+                row.get::<i32, _>("delivery"),
+            ));
         }
         let lost = delivery::missing(&self.redis, &waiting).await?;
         let (ids, deliveries): (Vec<Uuid>, Vec<i32>) = waiting.iter().map(|w| (w.1, w.2)).unzip();

@@ -7,8 +7,8 @@ use callcoach::{
     App,
     config::Settings,
     db,
-    http::auth::{self, Scope},
     delivery::Envelope,
+    http::auth::{self, Scope},
     jobs::{AnalyzeCall, Job, RunLabel, perform_job},
     llm::emulator::{self, EmulatorConfig, EmulatorHandle},
     model::Dimension,
@@ -191,7 +191,10 @@ async fn through_proxy(url: &str) -> (String, FaultProxy) {
     };
     let (addr, path) = rest.split_once('/').unwrap();
     let proxy = FaultProxy::start(addr.to_string()).await;
-    (format!("{scheme}://{user}127.0.0.1:{}/{path}", proxy.port), proxy)
+    (
+        format!("{scheme}://{user}127.0.0.1:{}/{path}", proxy.port),
+        proxy,
+    )
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -272,7 +275,11 @@ impl TestApp {
     /// crash it with [`WorkerProcess::kill`].
     pub fn spawn_worker(&self, overrides: &[(&str, &str)]) -> WorkerProcess {
         let mut env = self.env.clone();
-        env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env.extend(
+            overrides
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let token = CancellationToken::new();
         let killed = CancellationToken::new();
         let (run, kill) = (token.clone(), killed.clone());

@@ -74,7 +74,10 @@ async fn a_claim_needs_the_current_delivery_and_a_claimable_state() {
     assert_eq!(ledger.claim(id, 1).await.unwrap(), None, "future delivery");
     // Fifty claims of one delivery land in one grouped batch: exactly one wins.
     let claims = futures::future::join_all((0..50).map(|_| ledger.claim(id, 0))).await;
-    let winners = claims.into_iter().filter(|c| c.as_ref().unwrap().is_some()).count();
+    let winners = claims
+        .into_iter()
+        .filter(|c| c.as_ref().unwrap().is_some())
+        .count();
     assert_eq!(winners, 1);
     assert_eq!(ledger.claim(id, 0).await.unwrap(), None, "already running");
     // The run asks for a retry: a new delivery; the old one can no longer be claimed.
@@ -106,9 +109,17 @@ async fn a_stale_run_never_overwrites_a_newer_outcome() {
     let rescued = upkeep(&app.app).rescue_once().await.unwrap();
     assert_eq!(rescued.requeued, 1);
     ledger.claim(id, 1).await.unwrap().unwrap();
-    assert!(ledger.finish(id, 1, Outcome::Succeeded(Some(json!("new")))).await.unwrap());
+    assert!(
+        ledger
+            .finish(id, 1, Outcome::Succeeded(Some(json!("new"))))
+            .await
+            .unwrap()
+    );
     // The first run comes back late with a failure: discarded.
-    let late = ledger.finish(id, 0, Outcome::Failed("late".into())).await.unwrap();
+    let late = ledger
+        .finish(id, 0, Outcome::Failed("late".into()))
+        .await
+        .unwrap();
     assert!(!late, "a stale outcome was applied");
     let job = state_of(&app, id).await;
     assert_eq!(job.status, JobState::Succeeded);
@@ -121,7 +132,10 @@ async fn a_stale_run_never_overwrites_a_newer_outcome() {
         .await
         .unwrap();
     assert!(ledger::retry(&app.app.pg, id).await.unwrap());
-    let late = ledger.finish(id, 1, Outcome::Succeeded(None)).await.unwrap();
+    let late = ledger
+        .finish(id, 1, Outcome::Succeeded(None))
+        .await
+        .unwrap();
     assert!(!late, "the run before the replay overwrote it");
     assert_eq!(state_of(&app, id).await.status, JobState::Queued);
 }
@@ -147,7 +161,10 @@ async fn the_rescuer_requeues_lost_runs_and_fails_spent_ones() {
     assert_eq!((rescued.requeued, rescued.failed), (1, 1));
     let job = state_of(&app, live).await;
     assert_eq!((job.status, job.delivery), (JobState::Queued, 1));
-    assert!(job.delivered_at.is_none(), "the relay pushes the new delivery");
+    assert!(
+        job.delivered_at.is_none(),
+        "the relay pushes the new delivery"
+    );
     let job = state_of(&app, spent).await;
     assert_eq!(job.status, JobState::Failed);
     assert!(job.last_error.unwrap().contains("attempt budget"));
@@ -157,13 +174,23 @@ async fn the_rescuer_requeues_lost_runs_and_fails_spent_ones() {
 #[tokio::test]
 async fn a_delivery_redis_dropped_is_reissued_under_a_new_task_id() {
     let mut app = spawn_app().await;
-    let job_id = app.app.queue.enqueue(Noop::default().to_job().unwrap()).await.unwrap().job_id;
+    let job_id = app
+        .app
+        .queue
+        .enqueue(Noop::default().to_job().unwrap())
+        .await
+        .unwrap()
+        .job_id;
     // apalis gave up on the task (its claim kept failing while Postgres was down) and
     // dropped its data; pushing the same task id again would be a no-op. Its id may still be
     // listed: the fetch skips ids without data.
     let mut conn = app.redis.conn().await;
     let data = format!("{}:data", Lane::Interactive.queue_name());
-    let _: () = redis::cmd("DEL").arg(&data).query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&data)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     sqlx::query("UPDATE jobs SET delivered_at = now() - interval '1 minute', run_at = now() - interval '1 minute'")
         .execute(&app.app.pg)
         .await
@@ -185,9 +212,7 @@ async fn several_relays_push_each_row_once() {
         app.app.queue.enqueue_tx(&mut tx, job).await.unwrap();
     }
     tx.commit().await.unwrap();
-    let relays: Vec<Upkeep> = (0..3)
-        .map(|_| upkeep(&app.another_app(&[])))
-        .collect();
+    let relays: Vec<Upkeep> = (0..3).map(|_| upkeep(&app.another_app(&[]))).collect();
     let rounds = relays.iter().map(|r| async move {
         let mut pushed = 0;
         loop {
@@ -201,10 +226,11 @@ async fn several_relays_push_each_row_once() {
     let pushed: Vec<usize> = futures::future::join_all(rounds).await;
     assert_eq!(pushed.iter().sum::<usize>(), 2000, "{pushed:?}");
     assert!(pushed.iter().filter(|n| **n > 0).count() > 1, "{pushed:?}");
-    let undelivered: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE delivered_at IS NULL")
-        .fetch_one(&app.app.pg)
-        .await
-        .unwrap();
+    let undelivered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE delivered_at IS NULL")
+            .fetch_one(&app.app.pg)
+            .await
+            .unwrap();
     assert_eq!(undelivered, 0);
 }
 
@@ -219,7 +245,12 @@ async fn enqueue_tx_commits_or_rolls_back_with_the_callers_data() {
         .await
         .unwrap();
     tx.rollback().await.unwrap();
-    assert!(ledger::job(&app.app.pg, gone.job_id).await.unwrap().is_none());
+    assert!(
+        ledger::job(&app.app.pg, gone.job_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
     let mut tx = app.app.pg.begin().await.unwrap();
     app.app
         .queue
@@ -227,7 +258,13 @@ async fn enqueue_tx_commits_or_rolls_back_with_the_callers_data() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    let kept = assert_enqueued(&app.app.pg, "noop", json!({"enqueued_at_us": 2}), JobState::Queued).await;
+    let kept = assert_enqueued(
+        &app.app.pg,
+        "noop",
+        json!({"enqueued_at_us": 2}),
+        JobState::Queued,
+    )
+    .await;
     app.start_worker();
     assert_eq!(app.wait_for_job(kept, 30).await["status"], "succeeded");
 }
@@ -242,15 +279,23 @@ async fn only_registered_kinds_get_in() {
     }
     // A row written behind the registry's back fails with a clear reason, no panic.
     let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO jobs (id, kind, payload, max_attempts) VALUES ($1, 'send_email', '{}', 3)")
-        .bind(id)
-        .execute(&app.app.pg)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, payload, max_attempts) VALUES ($1, 'send_email', '{}', 3)",
+    )
+    .bind(id)
+    .execute(&app.app.pg)
+    .await
+    .unwrap();
     app.start_worker();
     let job = app.wait_for_job(id, 30).await;
     assert_eq!(job["status"], "failed");
-    assert!(job["last_error"].as_str().unwrap().contains("not in the job registry"), "{job}");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not in the job registry"),
+        "{job}"
+    );
 }
 
 #[tokio::test]
@@ -265,7 +310,13 @@ async fn an_interactive_job_never_waits_behind_the_background_backlog() {
         .collect();
     app.app.queue.enqueue_many(backlog).await.unwrap();
     app.start_worker();
-    let urgent = app.app.queue.enqueue(Noop::default().to_job().unwrap()).await.unwrap().job_id;
+    let urgent = app
+        .app
+        .queue
+        .enqueue(Noop::default().to_job().unwrap())
+        .await
+        .unwrap()
+        .job_id;
     assert_eq!(app.wait_for_job(urgent, 30).await["status"], "succeeded");
     let ahead: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM jobs WHERE lane = 'background'
@@ -276,7 +327,10 @@ async fn an_interactive_job_never_waits_behind_the_background_backlog() {
     .await
     .unwrap();
     // On one shared queue all 5000 would have started first.
-    assert!(ahead < 2500, "{ahead} background jobs started before the interactive one");
+    assert!(
+        ahead < 2500,
+        "{ahead} background jobs started before the interactive one"
+    );
 }
 
 #[tokio::test]
@@ -284,7 +338,9 @@ async fn finished_jobs_leave_nothing_in_redis_and_old_rows_are_pruned() {
     let mut app = spawn_app().await;
     let mut conn = app.redis.conn().await;
     let keys_before: usize = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
-    let jobs: Vec<NewJob> = (0..300).map(|_| Noop::default().to_job().unwrap()).collect();
+    let jobs: Vec<NewJob> = (0..300)
+        .map(|_| Noop::default().to_job().unwrap())
+        .collect();
     let ids = app.app.queue.enqueue_many(jobs).await.unwrap();
     app.start_worker();
     for id in &ids {
@@ -292,25 +348,47 @@ async fn finished_jobs_leave_nothing_in_redis_and_old_rows_are_pruned() {
     }
     app.stop_worker().await;
     let queue = Lane::Interactive.queue_name();
-    let data: usize = redis::cmd("HLEN").arg(format!("{queue}:data")).query_async(&mut conn).await.unwrap();
+    let data: usize = redis::cmd("HLEN")
+        .arg(format!("{queue}:data"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(data, 0, "task data left behind");
-    let meta: Vec<String> = redis::cmd("KEYS").arg(format!("{queue}:meta*")).query_async(&mut conn).await.unwrap();
+    let meta: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{queue}:meta*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(meta.is_empty(), "{} meta hashes left behind", meta.len());
     for set in ["done", "dead"] {
-        let n: usize = redis::cmd("SCARD").arg(format!("{queue}:{set}")).query_async(&mut conn).await.unwrap();
+        let n: usize = redis::cmd("SCARD")
+            .arg(format!("{queue}:{set}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
         assert_eq!(n, 0, "{set} set grows");
     }
     let keys_after: usize = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
-    assert!(keys_after <= keys_before + 10, "{keys_before} keys before, {keys_after} after");
+    assert!(
+        keys_after <= keys_before + 10,
+        "{keys_before} keys before, {keys_after} after"
+    );
     // Past the retention, finished rows go; unfinished ones stay.
     let waiting = row(&app, JobState::Queued, 0, 0, 3).await;
-    sqlx::query("UPDATE jobs SET finished_at = now() - interval '31 days' WHERE finished_at IS NOT NULL")
-        .execute(&app.app.pg)
+    sqlx::query(
+        "UPDATE jobs SET finished_at = now() - interval '31 days' WHERE finished_at IS NOT NULL",
+    )
+    .execute(&app.app.pg)
+    .await
+    .unwrap();
+    let pruned = ledger::prune(&app.app.pg, app.app.settings.job_retention, 100)
         .await
         .unwrap();
-    let pruned = ledger::prune(&app.app.pg, app.app.settings.job_retention, 100).await.unwrap();
     assert_eq!(pruned, 300);
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&app.app.pg).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&app.app.pg)
+        .await
+        .unwrap();
     assert_eq!(left, 1);
     assert!(ledger::job(&app.app.pg, waiting).await.unwrap().is_some());
 }
@@ -359,7 +437,10 @@ async fn a_draining_worker_finishes_its_job_and_nobody_runs_it_twice() {
 async fn a_worker_stopped_past_its_drain_hands_the_job_back() {
     let app = spawn_app_with(Options {
         emulator: slow_llm(4000),
-        env: vec![("WORKER_DRAIN_SECS", "1".into()), ("JOB_LEASE_SECS", "120".into())],
+        env: vec![
+            ("WORKER_DRAIN_SECS", "1".into()),
+            ("JOB_LEASE_SECS", "120".into()),
+        ],
         ..Default::default()
     })
     .await;
@@ -369,7 +450,11 @@ async fn a_worker_stopped_past_its_drain_hands_the_job_back() {
     wait_until_running(&app, job_id).await;
     first.stop().await.unwrap();
     let job = state_of(&app, job_id).await;
-    assert_eq!((job.status, job.delivery, job.attempts), (JobState::Queued, 1, 0), "{job:?}");
+    assert_eq!(
+        (job.status, job.delivery, job.attempts),
+        (JobState::Queued, 1, 0),
+        "{job:?}"
+    );
     // Re-delivered at once (the 120 s lease never had to run out).
     let second = app.spawn_worker(&[]);
     let job = app.wait_for_job(job_id, 30).await;
@@ -382,5 +467,8 @@ async fn a_worker_stopped_past_its_drain_hands_the_job_back() {
 async fn perform_reports_a_stale_delivery_as_skipped() {
     let app = spawn_app().await;
     let id = row(&app, JobState::Succeeded, 0, 1, 3).await;
-    assert_eq!(perform(&app.app, id, 0, &Noop::default()).await, RunLabel::Skipped);
+    assert_eq!(
+        perform(&app.app, id, 0, &Noop::default()).await,
+        RunLabel::Skipped
+    );
 }

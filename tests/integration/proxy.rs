@@ -1,12 +1,12 @@
 //! A TCP proxy in front of a real server (Postgres or Redis) that can cut the network:
-//! `set_down(true)` closes every proxied connection and refuses new ones, as a stopped or
-//! unreachable server looks to clients; `set_latency` delays every answer, as a slow server.
+//! `set_down(true)` closes every proxied connection and stops listening (new connections
+//! are refused), as a stopped server looks to clients; `set_latency` delays every answer, as a slow server.
 //! The servers behind it are real; only the network between is made faulty.
 
 use std::{
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -20,28 +20,36 @@ use tokio::{
 pub struct FaultProxy {
     /// Port clients connect to.
     pub port: u16,
-    down: Arc<AtomicBool>,
+    upstream: String,
     latency_us: Arc<AtomicU64>,
     cut: watch::Sender<u64>,
-    task: tokio::task::JoinHandle<()>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl FaultProxy {
     /// Proxies `127.0.0.1:port` → `upstream`.
     pub async fn start(upstream: String) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let latency_us = Arc::new(AtomicU64::new(0));
-        let (cut, _) = watch::channel(0u64);
-        let (d, l, c) = (down.clone(), latency_us.clone(), cut.clone());
+        let proxy = FaultProxy {
+            port: listener.local_addr().unwrap().port(),
+            upstream,
+            latency_us: Arc::new(AtomicU64::new(0)),
+            cut: watch::channel(0u64).0,
+            task: Mutex::new(None),
+        };
+        proxy.listen(listener);
+        proxy
+    }
+
+    fn listen(&self, listener: TcpListener) {
+        let (upstream, latency, cut) = (
+            self.upstream.clone(),
+            self.latency_us.clone(),
+            self.cut.clone(),
+        );
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                if d.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let (upstream, latency, cut) = (upstream.clone(), l.clone(), c.subscribe());
+                let (upstream, latency, cut) = (upstream.clone(), latency.clone(), cut.subscribe());
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(&upstream).await {
                         pipe(client, server, latency, cut).await;
@@ -49,20 +57,20 @@ impl FaultProxy {
                 });
             }
         });
-        FaultProxy {
-            port,
-            down,
-            latency_us,
-            cut,
-            task,
-        }
+        *self.task.lock().unwrap() = Some(task);
     }
 
-    /// Cuts every connection and refuses new ones (true), or lets clients connect (false).
+    /// Cuts every connection and stops listening (true), or listens again (false).
     pub fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::SeqCst);
         if down {
+            if let Some(task) = self.task.lock().unwrap().take() {
+                task.abort();
+            }
             self.cut.send_modify(|g| *g += 1);
+        } else if self.task.lock().unwrap().is_none() {
+            let std = std::net::TcpListener::bind(("127.0.0.1", self.port)).unwrap();
+            std.set_nonblocking(true).unwrap();
+            self.listen(TcpListener::from_std(std).unwrap());
         }
     }
 
@@ -75,7 +83,9 @@ impl FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
         self.cut.send_modify(|g| *g += 1);
     }
 }

@@ -175,12 +175,16 @@ async fn grouped_ledger_writes_answer_each_caller_correctly() {
     for ((_, _, claimable), answer) in expected.iter().zip(answers) {
         assert_eq!(answer.unwrap(), claimable.then_some(claimed));
     }
-    let finishes = expected.iter().map(|(id, d, _)| {
-        ledger.finish(*id, *d, Outcome::Failed(format!("error of {id}")))
-    });
+    let finishes = expected
+        .iter()
+        .map(|(id, d, _)| ledger.finish(*id, *d, Outcome::Failed(format!("error of {id}"))));
     let applied = futures::future::join_all(finishes).await;
     for ((_, _, claimable), applied) in expected.iter().zip(applied) {
-        assert_eq!(applied.unwrap(), *claimable, "only running deliveries take an outcome");
+        assert_eq!(
+            applied.unwrap(),
+            *claimable,
+            "only running deliveries take an outcome"
+        );
     }
     let mismatched: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM jobs WHERE status = 'failed' AND last_error <> 'error of ' || id",
