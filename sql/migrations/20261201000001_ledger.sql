@@ -12,12 +12,12 @@ ALTER TABLE jobs ADD COLUMN claimed_by text;
 ALTER TABLE jobs DROP CONSTRAINT jobs_dedup_key_key;
 CREATE UNIQUE INDEX jobs_dedup_key_idx ON jobs (dedup_key) WHERE dedup_key IS NOT NULL;
 
--- Finished rows (nearly all of them) leave the indexes the relay and the rescuer scan.
+-- Unfinished rows (queued, snoozed, running): the relay (delivered_at IS NULL), the rescuer
+-- and the lost-delivery check (delivered_at long ago) scan only these. No index holds
+-- status, attempts or the lease, so a claim and a lease renewal are HOT updates.
 DROP INDEX jobs_undelivered_idx;
-CREATE INDEX jobs_undelivered_idx ON jobs (run_at)
-    WHERE delivered_at IS NULL AND status IN ('queued', 'snoozed');
 DROP INDEX jobs_status_idx;
-CREATE INDEX jobs_active_idx ON jobs (status, run_at) WHERE status IN ('queued', 'snoozed', 'running');
+CREATE INDEX jobs_open_idx ON jobs (delivered_at) WHERE finished_at IS NULL;
 -- The pruner deletes finished rows past the retention, oldest first.
 CREATE INDEX jobs_finished_idx ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 -- `jobs list` and the dashboard: newest first.

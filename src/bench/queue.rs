@@ -264,6 +264,7 @@ impl LedgerPath<'_> {
                 let bulk = ids.len() as f64 / started.elapsed().as_secs_f64();
                 workers.signal("-CONT")?;
                 self.wait_until_processed(&ids, 300).await?;
+                self.all_succeeded(&ids).await?;
                 let rate = ids.len() as f64 / self.processing_secs(&ids).await?;
                 runs.push(json!({ "bulk_enqueue_jobs_per_sec": bulk.round(), "processed_jobs_per_sec": rate.round(),
                                   "ratio_processed_vs_raw_redis": ratio(rate, baseline) }));
@@ -370,6 +371,18 @@ impl LedgerPath<'_> {
         }
     }
 
+    /// Fails if any of these jobs did not succeed.
+    async fn all_succeeded(&self, ids: &[Uuid]) -> anyhow::Result<()> {
+        let failed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND status <> $2")
+                .bind(ids)
+                .bind(ledger::JobState::Succeeded.as_str())
+                .fetch_one(&self.app.pg)
+                .await?;
+        anyhow::ensure!(failed == 0, "{failed} benchmark jobs did not succeed");
+        Ok(())
+    }
+
     /// First start to last finish of these jobs, by the ledger's clock.
     async fn processing_secs(&self, ids: &[Uuid]) -> anyhow::Result<f64> {
         Ok(sqlx::query_scalar(
@@ -409,6 +422,7 @@ impl LedgerPath<'_> {
         }
         bar.finish_and_clear();
         self.wait_until_processed(&ids, 900).await?;
+        self.all_succeeded(&ids).await?;
         drop(workers);
         let after = redis_footprint(redis).await?;
         let ledger_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")

@@ -68,7 +68,7 @@ impl Upkeep {
         let mut tx = self.pg.begin().await?;
         let rows = sqlx::query(
             "SELECT id, kind, lane, delivery, payload, run_at FROM jobs
-             WHERE delivered_at IS NULL AND status = ANY($1)
+             WHERE delivered_at IS NULL AND finished_at IS NULL AND status = ANY($1)
              ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED",
         )
         .bind(names(&CLAIMABLE))
@@ -127,7 +127,8 @@ impl Upkeep {
     async fn rescue_expired_leases(&self) -> sqlx::Result<Rescued> {
         let states: Vec<String> = sqlx::query_scalar(
             "WITH lost AS (
-                 SELECT id FROM jobs WHERE status = $1 AND lease_expires_at < now()
+                 SELECT id FROM jobs
+                 WHERE finished_at IS NULL AND status = $1 AND lease_expires_at < now()
                  ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)
              UPDATE jobs j SET
                  status = CASE WHEN j.attempts >= j.max_attempts THEN $3 ELSE $4 END,
@@ -163,7 +164,8 @@ impl Upkeep {
     async fn redeliver_lost(&self) -> anyhow::Result<u64> {
         let rows = sqlx::query(
             "SELECT id, lane, delivery FROM jobs
-             WHERE status = ANY($1) AND delivered_at < now() - make_interval(secs => $2)
+             WHERE finished_at IS NULL AND status = ANY($1)
+               AND delivered_at < now() - make_interval(secs => $2)
                AND run_at < now() - make_interval(secs => $2)
              ORDER BY delivered_at LIMIT $3",
         )

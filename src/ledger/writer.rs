@@ -5,8 +5,14 @@
 //! statement. A reply is sent only after its statement committed, so a state is durable
 //! before a job is acknowledged.
 //!
-//! The writer task is supervised: if it ever panics, it is logged and restarted on the same
-//! request channel, so callers never see a silently stopped writer.
+//! Claims and outcomes have a writer task each, so neither waits for the other's commit.
+//! Claims commit with `synchronous_commit = off`: a claim lost in a Postgres crash only
+//! returns its row to `queued`, and the run's outcome is then refused by the guard (the row
+//! is not running) and the delivery re-issued, so nothing is lost or applied twice. Outcomes
+//! are durable (fsync) before the job is acknowledged.
+//!
+//! The writer tasks are supervised: if one ever panics, it is logged and restarted on the
+//! same request channel, so callers never see a silently stopped writer.
 
 use super::{CLAIMABLE, JobState, names};
 use crate::{supervise, telemetry::names as metric};
@@ -75,10 +81,11 @@ enum Request {
 #[error("ledger write failed: {0}")]
 pub struct LedgerError(String);
 
-/// Handle to the writer task. Cheap to clone.
+/// Handle to the writer tasks. Cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    tx: mpsc::UnboundedSender<Request>,
+    claims: mpsc::UnboundedSender<Request>,
+    finishes: mpsc::UnboundedSender<Request>,
 }
 
 /// Settings of the claims the writer makes.
@@ -91,15 +98,22 @@ pub struct ClaimSettings {
 }
 
 impl Ledger {
-    /// Starts the (supervised) writer task on the current tokio runtime.
-    pub fn start(pg: PgPool, claims: ClaimSettings) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let rx = Arc::new(Mutex::new(rx));
-        let claims = Arc::new(claims);
-        supervise::spawn("ledger writer", move || {
-            writer(pg.clone(), rx.clone(), claims.clone())
-        });
-        Self { tx }
+    /// Starts the (supervised) writer tasks on the current tokio runtime.
+    pub fn start(pg: PgPool, settings: ClaimSettings) -> Self {
+        let settings = Arc::new(settings);
+        let start = |name| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rx = Arc::new(Mutex::new(rx));
+            let (pg, settings) = (pg.clone(), settings.clone());
+            supervise::spawn(name, move || {
+                writer(pg.clone(), rx.clone(), settings.clone())
+            });
+            tx
+        };
+        Self {
+            claims: start("ledger claim writer"),
+            finishes: start("ledger outcome writer"),
+        }
     }
 
     /// Claims a delivery: marks the job running under a lease and counts an attempt. `None`
@@ -107,11 +121,14 @@ impl Ledger {
     /// by a newer delivery). Of several claims of one delivery, exactly one wins.
     pub async fn claim(&self, id: Uuid, delivery: i32) -> Result<Option<Claimed>, LedgerError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Claim {
-            id,
-            delivery,
-            reply,
-        })?;
+        Self::send(
+            &self.claims,
+            Request::Claim {
+                id,
+                delivery,
+                reply,
+            },
+        )?;
         Self::wait(answer).await
     }
 
@@ -124,12 +141,15 @@ impl Ledger {
         outcome: Outcome,
     ) -> Result<bool, LedgerError> {
         let (reply, answer) = oneshot::channel();
-        self.send(Request::Finish {
-            id,
-            delivery,
-            outcome,
-            reply,
-        })?;
+        Self::send(
+            &self.finishes,
+            Request::Finish {
+                id,
+                delivery,
+                outcome,
+                reply,
+            },
+        )?;
         Self::wait(answer).await
     }
 
@@ -140,9 +160,8 @@ impl Ledger {
             .map_err(LedgerError)
     }
 
-    fn send(&self, request: Request) -> Result<(), LedgerError> {
-        self.tx
-            .send(request)
+    fn send(to: &mpsc::UnboundedSender<Request>, request: Request) -> Result<(), LedgerError> {
+        to.send(request)
             .map_err(|_| LedgerError("the writer is not running".into()))
     }
 }
@@ -202,21 +221,7 @@ async fn write_claims(pg: &PgPool, settings: &ClaimSettings, requests: Vec<Reque
     }
     let ids: Vec<Uuid> = requests.iter().map(|r| r.0).collect();
     let deliveries: Vec<i32> = requests.iter().map(|r| r.1).collect();
-    let rows = sqlx::query(
-        "UPDATE jobs j SET status = $3, attempts = j.attempts + 1, started_at = now(),
-                lease_expires_at = now() + make_interval(secs => $5), claimed_by = $6, updated_at = now()
-         FROM unnest($1::uuid[], $2::int[]) AS t(id, delivery)
-         WHERE j.id = t.id AND j.delivery = t.delivery AND j.status = ANY($4)
-         RETURNING j.id, t.delivery, j.attempts, j.max_attempts",
-    )
-    .bind(&ids)
-    .bind(&deliveries)
-    .bind(JobState::Running.as_str())
-    .bind(names(&CLAIMABLE))
-    .bind(settings.lease.as_secs_f64())
-    .bind(&settings.worker)
-    .fetch_all(pg)
-    .await;
+    let rows = claim_rows(pg, settings, &ids, &deliveries).await;
     match rows {
         Ok(rows) => {
             let claimed: HashMap<(Uuid, i32), Claimed> = rows
@@ -239,6 +244,37 @@ async fn write_claims(pg: &PgPool, settings: &ClaimSettings, requests: Vec<Reque
             }
         }
     }
+}
+
+/// The grouped claim: one statement in a transaction that does not wait for fsync (see the
+/// module documentation for why that is safe).
+async fn claim_rows(
+    pg: &PgPool,
+    settings: &ClaimSettings,
+    ids: &[Uuid],
+    deliveries: &[i32],
+) -> sqlx::Result<Vec<sqlx::postgres::PgRow>> {
+    let mut tx = pg.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit TO off")
+        .execute(&mut *tx)
+        .await?;
+    let rows = sqlx::query(
+        "UPDATE jobs j SET status = $3, attempts = j.attempts + 1, started_at = now(),
+                lease_expires_at = now() + make_interval(secs => $5), claimed_by = $6, updated_at = now()
+         FROM unnest($1::uuid[], $2::int[]) AS t(id, delivery)
+         WHERE j.id = t.id AND j.delivery = t.delivery AND j.status = ANY($4)
+         RETURNING j.id, t.delivery, j.attempts, j.max_attempts",
+    )
+    .bind(ids)
+    .bind(deliveries)
+    .bind(JobState::Running.as_str())
+    .bind(names(&CLAIMABLE))
+    .bind(settings.lease.as_secs_f64())
+    .bind(&settings.worker)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(rows)
 }
 
 /// One outcome as the columns of the grouped update.

@@ -45,6 +45,8 @@ fn bad_arguments_are_usage_errors() {
         ],
         vec!["apikey", "create", "--name", "x", "--scope", "root"],
         vec!["worker", "--concurrency", "0"],
+        vec!["worker", "--lanes", "fast"],
+        vec!["jobs", "list", "--status", "done"],
         vec!["no-such-command"],
     ] {
         let out = callcoach(&[], &args);
@@ -138,4 +140,44 @@ async fn failed_jobs_are_replayed_and_queued_jobs_cancelled() {
     let (_, job) = app.get(&format!("/v1/jobs/{cancelled}")).await;
     assert_eq!(job["status"], "cancelled", "{job}");
     assert_eq!(app.session_count(call_id, "engagement").await, 0);
+}
+
+#[tokio::test]
+async fn any_registered_kind_can_be_enqueued_and_nothing_else() {
+    let app = spawn_app().await;
+    let env = [
+        ("DATABASE_URL", app.env["DATABASE_URL"].as_str()),
+        ("REDIS_URL", app.env["REDIS_URL"].as_str()),
+    ];
+    let kinds = callcoach(&env, &["jobs", "kinds"]);
+    let listed = String::from_utf8_lossy(&kinds.stdout).into_owned();
+    for kind in callcoach::jobs::registry::names() {
+        assert!(listed.contains(kind), "{kind} missing from {listed}");
+    }
+    let out = callcoach(&env, &["jobs", "enqueue", "send_email"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("unknown job kind"),
+        "{}",
+        stderr(&out)
+    );
+    let out = callcoach(
+        &env,
+        &["jobs", "enqueue", "analyze_call", "--args", r#"{"call":1}"#],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("invalid analyze_call arguments"),
+        "{}",
+        stderr(&out)
+    );
+    let out = callcoach(&env, &["jobs", "enqueue", "noop", "--lane", "background"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let enqueued: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id: uuid::Uuid = enqueued["job_id"].as_str().unwrap().parse().unwrap();
+    let job = callcoach::ledger::job(&app.app.pg, id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.lane, callcoach::delivery::Lane::Background);
 }

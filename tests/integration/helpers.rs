@@ -403,15 +403,18 @@ impl TestApp {
         App::build(Settings::from_map(&env).unwrap()).unwrap()
     }
 
-    /// Records an analysis job in the ledger and runs it here, as a worker would.
+    /// Records an analysis job in the ledger and runs it here, as a worker would (workers of
+    /// the test see it only an hour later).
     pub async fn perform(&self, app: &App, call_id: Uuid, dimensions: &[Dimension]) -> Value {
         let args = AnalyzeCall {
             call_id,
             dimensions: dimensions.to_vec(),
         };
+        // Due in an hour, so no running worker claims it before this run does.
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
         let job_id = app
             .queue
-            .enqueue(args.to_job().unwrap())
+            .enqueue(args.to_job().unwrap().run_at(later))
             .await
             .unwrap()
             .job_id;
