@@ -36,6 +36,11 @@ async fn state_of(app: &TestApp, id: Uuid) -> ledger::JobRow {
     ledger::job(&app.app.pg, id).await.unwrap().unwrap()
 }
 
+async fn enqueue_noop(app: &TestApp) -> Uuid {
+    let job = Noop::default().to_job().unwrap();
+    app.app.queue.enqueue(job).await.unwrap().job_id
+}
+
 fn upkeep(app: &callcoach::App) -> Upkeep {
     let s = &app.settings;
     Upkeep {
@@ -174,13 +179,7 @@ async fn the_rescuer_requeues_lost_runs_and_fails_spent_ones() {
 #[tokio::test]
 async fn a_delivery_redis_dropped_is_reissued_under_a_new_task_id() {
     let mut app = spawn_app().await;
-    let job_id = app
-        .app
-        .queue
-        .enqueue(Noop::default().to_job().unwrap())
-        .await
-        .unwrap()
-        .job_id;
+    let job_id = enqueue_noop(&app).await;
     // apalis gave up on the task (its claim kept failing while Postgres was down) and
     // dropped its data; pushing the same task id again would be a no-op. Its id may still be
     // listed: the fetch skips ids without data.
@@ -310,13 +309,7 @@ async fn an_interactive_job_never_waits_behind_the_background_backlog() {
         .collect();
     app.app.queue.enqueue_many(backlog).await.unwrap();
     app.start_worker();
-    let urgent = app
-        .app
-        .queue
-        .enqueue(Noop::default().to_job().unwrap())
-        .await
-        .unwrap()
-        .job_id;
+    let urgent = enqueue_noop(&app).await;
     assert_eq!(app.wait_for_job(urgent, 30).await["status"], "succeeded");
     let ahead: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM jobs WHERE lane = 'background'
