@@ -5,7 +5,9 @@
 //! analyses over HTTP, waits for the jobs, then enqueues them all once more to show the cache
 //! answering, and prints a summary table. Exits non-zero if any job did not succeed.
 
-use crate::{App, config::Settings, db, http::auth, llm::emulator, model::CallInput};
+use crate::{
+    App, config::Settings, db, http::auth, ledger::JobState, llm::emulator, model::CallInput,
+};
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -176,7 +178,7 @@ impl DemoClient {
         let until = tokio::time::Instant::now() + deadline;
         for url in jobs {
             let status = self.wait_for(&url, until).await?;
-            if status == "succeeded" {
+            if status == JobState::Succeeded {
                 pass.succeeded += 1;
             } else {
                 pass.failed += 1;
@@ -187,11 +189,12 @@ impl DemoClient {
         Ok(pass)
     }
 
-    async fn wait_for(&self, url: &str, until: tokio::time::Instant) -> anyhow::Result<String> {
+    async fn wait_for(&self, url: &str, until: tokio::time::Instant) -> anyhow::Result<JobState> {
         loop {
             let job = self.send(self.http.get(url)).await?;
-            let status = job["status"].as_str().unwrap_or_default().to_string();
-            if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+            let status: JobState = serde_json::from_value(job["status"].clone())
+                .map_err(|e| anyhow::anyhow!("job status in {job}: {e}"))?;
+            if status.is_terminal() {
                 return Ok(status);
             }
             if tokio::time::Instant::now() > until {

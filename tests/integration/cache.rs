@@ -483,3 +483,35 @@ async fn dead_owner_lease(app: &crate::helpers::TestApp, key: &callcoach::cache:
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_computation_whose_lease_was_taken_over_stops() {
+    let app = spawn_app_with(Options {
+        env: vec![("CACHE_LEASE_MS", "300".into())],
+        emulator: EmulatorConfig {
+            latency: Duration::from_millis(2000),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let call_id = app.ingest(&sample_call("taken-over")).await;
+    let pg = app.app.pg.clone();
+    // While the owner waits for the LLM, another caller takes the lease over (as after the
+    // owner stalled past its lease): the owner's next renewal finds it gone and stops.
+    let thief = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        sqlx::query("UPDATE cache_leases SET owner = $1")
+            .bind(Uuid::new_v4())
+            .execute(&pg)
+            .await
+            .unwrap()
+            .rows_affected()
+    });
+    let job = app.perform(&app.app, call_id, &[DISC]).await;
+    assert_eq!(thief.await.unwrap(), 1, "the lease row existed");
+    assert_eq!(job["status"], "queued", "retried later: {job}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("taken over"), "{error}");
+    assert_eq!(app.session_count(call_id, "discovery").await, 0);
+}
