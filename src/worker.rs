@@ -205,19 +205,32 @@ pub async fn run(
 
 /// Hands every run this process still holds (or dropped) back to the ledger.
 async fn hand_back(ctx: &JobContext) {
-    let mut runs = ctx.inflight.runs();
-    runs.extend(ctx.inflight.take_orphaned());
-    if runs.is_empty() {
-        return;
+    let mut runs = ctx.inflight.take_orphaned();
+    runs.extend(ctx.inflight.runs().into_iter().map(|run| (run, true)));
+    if let Err(e) = hand_back_runs(ctx, runs.clone()).await {
+        tracing::warn!(error = %e, runs = runs.len(),
+            "could not hand jobs back; the rescuer re-delivers them when their leases expire");
     }
-    match ledger::hand_back(&ctx.pg, &runs).await {
-        Ok(n) => tracing::info!(
+}
+
+/// Hands runs back, refunded or not as each says.
+async fn hand_back_runs(
+    ctx: &JobContext,
+    runs: Vec<((Uuid, i32), bool)>,
+) -> Result<(), sqlx::Error> {
+    for refund in [true, false] {
+        let group: Vec<(Uuid, i32)> = runs.iter().filter(|r| r.1 == refund).map(|r| r.0).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let n = ledger::hand_back(&ctx.pg, &group, refund).await?;
+        tracing::info!(
             handed_back = n,
+            refund,
             "unfinished jobs handed back for re-delivery"
-        ),
-        Err(e) => tracing::warn!(error = %e, runs = runs.len(),
-            "could not hand jobs back; the rescuer re-delivers them when their leases expire"),
+        );
     }
+    Ok(())
 }
 
 /// Renews the leases of this process's runs every quarter lease; stops runs whose lease was
@@ -245,7 +258,7 @@ async fn heartbeat_loop(ctx: JobContext, lease: Duration, stop: CancellationToke
             Err(e) => tracing::debug!(error = %e, "lease renewal failed"),
         }
         let orphaned = ctx.inflight.take_orphaned();
-        if !orphaned.is_empty() && ledger::hand_back(&ctx.pg, &orphaned).await.is_err() {
+        if !orphaned.is_empty() && hand_back_runs(&ctx, orphaned.clone()).await.is_err() {
             ctx.inflight.keep_orphaned(orphaned);
         }
     }

@@ -65,6 +65,8 @@ impl Job for AnalyzeCall {
     const JOB_NAME: &'static str = "analyze_call";
     const OPTIONS: JobOptions = JobOptions {
         lane: Lane::Interactive,
+        // Up to four dimensions, each one LLM request of at most LLM_TIMEOUT_SECS (120 s).
+        timeout: std::time::Duration::from_secs(600),
         ..JobOptions::DEFAULT
     };
 

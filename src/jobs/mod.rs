@@ -140,7 +140,8 @@ pub struct InFlight {
 #[derive(Default)]
 struct InFlightState {
     runs: HashMap<(Uuid, i32), CancellationToken>,
-    orphaned: Vec<(Uuid, i32)>,
+    /// Runs that ended without a recorded outcome, and whether their attempt is refunded.
+    orphaned: Vec<((Uuid, i32), bool)>,
 }
 
 /// Removes a run from [`InFlight`] when dropped; unless [`InFlightGuard::recorded`] was
@@ -149,6 +150,7 @@ pub struct InFlightGuard {
     inflight: InFlight,
     run: (Uuid, i32),
     recorded: bool,
+    refund: bool,
     /// Cancelled when the lease was lost.
     pub lost: CancellationToken,
 }
@@ -158,6 +160,12 @@ impl InFlightGuard {
     pub fn recorded(mut self) {
         self.recorded = true;
     }
+
+    /// The run ended but its outcome could not be written: hand it back without refunding
+    /// the attempt (a run dropped by a shutdown, the other way to end unrecorded, is refunded).
+    pub fn write_failed(mut self) {
+        self.refund = false;
+    }
 }
 
 impl Drop for InFlightGuard {
@@ -165,7 +173,7 @@ impl Drop for InFlightGuard {
         if let Ok(mut state) = self.inflight.state.lock() {
             state.runs.remove(&self.run);
             if !self.recorded {
-                state.orphaned.push(self.run);
+                state.orphaned.push((self.run, self.refund));
             }
         }
     }
@@ -182,6 +190,7 @@ impl InFlight {
             inflight: self.clone(),
             run: (job_id, delivery),
             recorded: false,
+            refund: true,
             lost,
         }
     }
@@ -194,8 +203,9 @@ impl InFlight {
             .unwrap_or_default()
     }
 
-    /// Takes the runs that ended without a recorded outcome.
-    pub fn take_orphaned(&self) -> Vec<(Uuid, i32)> {
+    /// Takes the runs that ended without a recorded outcome, each with whether its attempt
+    /// is refunded.
+    pub fn take_orphaned(&self) -> Vec<((Uuid, i32), bool)> {
         self.state
             .lock()
             .map(|mut s| std::mem::take(&mut s.orphaned))
@@ -203,7 +213,7 @@ impl InFlight {
     }
 
     /// Puts back orphaned runs whose hand-back failed.
-    pub fn keep_orphaned(&self, runs: Vec<(Uuid, i32)>) {
+    pub fn keep_orphaned(&self, runs: Vec<((Uuid, i32), bool)>) {
         if let Ok(mut state) = self.state.lock() {
             state.orphaned.extend(runs);
         }
@@ -270,15 +280,11 @@ pub async fn perform_job(env: Envelope, ctx: &JobContext) -> anyhow::Result<RunL
         let Some(kind) = registry::find(&env.kind) else {
             let error = format!("unknown job kind {:?}: not in the job registry", env.kind);
             tracing::error!(%error, "failing undeliverable job");
-            let label = record(ctx, &env, Outcome::Failed(error), RunLabel::Failed).await?;
-            guard.recorded();
-            return Ok(label);
+            return record(ctx, &env, Outcome::Failed(error), RunLabel::Failed, guard).await;
         };
         if claim.attempt > claim.max_attempts {
             let exhausted = Outcome::Failed("attempt budget exhausted".into());
-            let label = record(ctx, &env, exhausted, RunLabel::Failed).await?;
-            guard.recorded();
-            return Ok(label);
+            return record(ctx, &env, exhausted, RunLabel::Failed, guard).await;
         }
         let started = std::time::Instant::now();
         let run = tokio::time::timeout(
@@ -297,8 +303,7 @@ pub async fn perform_job(env: Envelope, ctx: &JobContext) -> anyhow::Result<RunL
         metrics::histogram!(names::JOB_DURATION, "kind" => kind.name)
             .record(started.elapsed().as_secs_f64());
         let (outcome, label) = outcome_of(kind, claim, result);
-        let label = record(ctx, &env, outcome, label).await?;
-        guard.recorded();
+        let label = record(ctx, &env, outcome, label, guard).await?;
         metrics::counter!(names::JOBS_FINISHED, "kind" => kind.name, "outcome" => label.as_str())
             .increment(1);
         Ok(label)
@@ -346,17 +351,27 @@ fn outcome_of(
 }
 
 /// Writes an outcome; a discarded one (the delivery is no longer the running one) is reported
-/// as [`RunLabel::Abandoned`].
+/// as [`RunLabel::Abandoned`]. A failed write leaves the run to be handed back.
 async fn record(
     ctx: &JobContext,
     env: &Envelope,
     outcome: Outcome,
     label: RunLabel,
+    guard: InFlightGuard,
 ) -> anyhow::Result<RunLabel> {
-    if ctx.ledger.finish(env.job_id, env.delivery, outcome).await? {
-        Ok(label)
-    } else {
-        tracing::warn!("outcome discarded: this delivery is no longer the running one");
-        Ok(RunLabel::Abandoned)
+    match ctx.ledger.finish(env.job_id, env.delivery, outcome).await {
+        Ok(true) => {
+            guard.recorded();
+            Ok(label)
+        }
+        Ok(false) => {
+            guard.recorded();
+            tracing::warn!("outcome discarded: this delivery is no longer the running one");
+            Ok(RunLabel::Abandoned)
+        }
+        Err(e) => {
+            guard.write_failed();
+            Err(e.into())
+        }
     }
 }

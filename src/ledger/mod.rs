@@ -212,15 +212,17 @@ pub async fn cancel(pg: &PgPool, id: Uuid) -> sqlx::Result<bool> {
     Ok(done.rows_affected() == 1)
 }
 
-/// Gives runs back that a stopping worker could not finish: each row (still running this
-/// delivery) is queued again under a new delivery for immediate re-delivery, and its attempt
-/// is refunded. Returns how many were handed back.
-pub async fn hand_back(pg: &PgPool, runs: &[(Uuid, i32)]) -> sqlx::Result<u64> {
+/// Gives back runs this worker holds but will not finish: each row (still running this
+/// delivery) is queued again under a new delivery for immediate re-delivery. `refund` gives
+/// the attempt back (a stopping worker's runs were not at fault); runs whose outcome could
+/// not be written keep it, so a run that keeps failing that way still meets its budget.
+/// Returns how many were handed back.
+pub async fn hand_back(pg: &PgPool, runs: &[(Uuid, i32)], refund: bool) -> sqlx::Result<u64> {
     let (ids, deliveries): (Vec<Uuid>, Vec<i32>) = runs.iter().copied().unzip();
     let done = sqlx::query(
         "UPDATE jobs j SET status = $3, delivery = j.delivery + 1, delivered_at = NULL,
-                attempts = greatest(j.attempts - 1, 0), run_at = now(), lease_expires_at = NULL,
-                last_error = 'handed back by a stopping worker', updated_at = now()
+                attempts = greatest(j.attempts - CASE WHEN $5 THEN 1 ELSE 0 END, 0), run_at = now(),
+                lease_expires_at = NULL, last_error = 'handed back by its worker', updated_at = now()
          FROM unnest($1::uuid[], $2::int[]) AS t(id, delivery)
          WHERE j.id = t.id AND j.delivery = t.delivery AND j.status = $4",
     )
@@ -228,6 +230,7 @@ pub async fn hand_back(pg: &PgPool, runs: &[(Uuid, i32)]) -> sqlx::Result<u64> {
     .bind(&deliveries)
     .bind(JobState::Queued.as_str())
     .bind(JobState::Running.as_str())
+    .bind(refund)
     .execute(pg)
     .await?;
     Ok(done.rows_affected())
