@@ -138,13 +138,14 @@ struct RestartBackoff {
 }
 
 impl RestartBackoff {
-    fn delay(&self) -> Duration {
+    /// The pause before the start at `now`.
+    fn delay(&self, now: Instant) -> Duration {
         let lasted = self
             .last_start
             .lock()
             .ok()
-            .and_then(|mut s| s.replace(Instant::now()))
-            .map(|t| t.elapsed());
+            .and_then(|mut s| s.replace(now))
+            .map(|t| now.saturating_duration_since(t));
         if lasted.is_some_and(|d| d > Duration::from_secs(60)) {
             self.failures.store(0, Ordering::Relaxed);
         }
@@ -281,7 +282,7 @@ fn register(
             .before_start(move |_| {
                 let (probe, backoff) = (probe.clone(), backoff.clone());
                 async move {
-                    let pause = backoff.delay();
+                    let pause = backoff.delay(Instant::now());
                     if restarts > 0 {
                         tokio::time::sleep(pause).await;
                         crate::wait_for_redis(probe, Duration::from_millis(500)).await;
@@ -296,4 +297,24 @@ fn register(
             .concurrency(concurrency)
             .build(handle)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_on_quick_failures_and_reset_after_a_long_run() {
+        let backoff = RestartBackoff::default();
+        let t0 = Instant::now();
+        let step = Duration::from_millis(10);
+        let delays: Vec<_> = (0..4).map(|i| backoff.delay(t0 + step * i)).collect();
+        assert_eq!(
+            delays,
+            [100, 200, 400, 800].map(Duration::from_millis),
+            "each quick failure doubles the pause"
+        );
+        let after_long_run = backoff.delay(t0 + Duration::from_secs(120));
+        assert_eq!(after_long_run, Duration::from_millis(100));
+    }
 }
