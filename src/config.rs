@@ -67,7 +67,8 @@ pub struct Settings {
     pub anthropic_api_key: Secret,
     /// Messages API base URL (`ANTHROPIC_BASE_URL`, default the local emulator).
     pub anthropic_base_url: String,
-    /// Model id (`CLAUDE_MODEL`).
+    /// Model id (`CLAUDE_MODEL`, default the current Sonnet); must be in `jobs/models.toml`
+    /// and not retired.
     pub claude_model: String,
     /// Output budget per analysis (`CLAUDE_MAX_TOKENS`, default 1024).
     pub claude_max_tokens: u32,
@@ -151,10 +152,7 @@ impl Settings {
             cache_lease: Duration::from_millis(positive(get, "CACHE_LEASE_MS", 15_000)?),
             anthropic_api_key: Secret::new(get.get("ANTHROPIC_API_KEY").unwrap_or("emulator-key")),
             anthropic_base_url: url(get, "ANTHROPIC_BASE_URL", "http://127.0.0.1:4010")?,
-            claude_model: get
-                .get("CLAUDE_MODEL")
-                .unwrap_or("claude-sonnet-4-5-20250929")
-                .to_string(),
+            claude_model: claude_model(get)?,
             claude_max_tokens: positive(get, "CLAUDE_MAX_TOKENS", 1024)?,
             llm_timeout: Duration::from_secs(positive(get, "LLM_TIMEOUT_SECS", 120)?),
             public_url: get
@@ -244,6 +242,22 @@ fn url(get: &Env<'_>, var: &'static str, default: &str) -> Result<String, Config
     Ok(value.trim_end_matches('/').to_string())
 }
 
+/// `CLAUDE_MODEL`: in the model table and still served today; a deprecated model is logged
+/// with its retirement date.
+fn claude_model(get: &Env<'_>) -> Result<String, ConfigError> {
+    let id = get.get("CLAUDE_MODEL").unwrap_or(DEFAULT_MODEL);
+    let today = chrono::Utc::now().date_naive();
+    match crate::llm::ModelTable::builtin().check(id, today) {
+        Ok(Some(warning)) => tracing::warn!("{warning}"),
+        Ok(None) => {}
+        Err(e) => return Err(bad("CLAUDE_MODEL", e.to_string())),
+    }
+    Ok(id.to_string())
+}
+
+/// The model used unless `CLAUDE_MODEL` says otherwise: the current Sonnet.
+pub const DEFAULT_MODEL: &str = "claude-sonnet-5-5";
+
 /// `REDIS_URL` wins; otherwise the URL is assembled from the spec's `REDIS_HOST/PORT/DB/PASSWORD`.
 fn redis_url(get: &Env<'_>) -> Result<String, ConfigError> {
     if let Some(url) = get.get("REDIS_URL") {
@@ -312,6 +326,18 @@ mod tests {
         }
         let err = Settings::from_map(&HashMap::new()).unwrap_err();
         assert_eq!(err.var, "DATABASE_URL");
+    }
+
+    #[test]
+    fn the_model_must_be_known_and_still_served() {
+        let s = Settings::from_map(&env(&[])).unwrap();
+        assert_eq!(s.claude_model, "claude-sonnet-5-5");
+        let err = Settings::from_map(&env(&[("CLAUDE_MODEL", "claude-sonnet-4-5-20250929")]))
+            .unwrap_err();
+        assert_eq!(err.var, "CLAUDE_MODEL");
+        assert!(err.message.contains("retired") && err.message.contains("claude-sonnet-5-5"));
+        let err = Settings::from_map(&env(&[("CLAUDE_MODEL", "claude-9")])).unwrap_err();
+        assert!(err.message.contains("unknown model"), "{err}");
     }
 
     #[test]

@@ -365,7 +365,7 @@ mod tests {
 
     fn simple_body() -> serde_json::Value {
         json!({
-            "model": "claude-test",
+            "model": "claude-sonnet-5-5",
             "max_tokens": 512,
             "messages": [{"role": "user", "content": "Analyse the transcript for the `discovery` dimension."}]
         })
@@ -453,7 +453,7 @@ mod tests {
     #[test]
     fn success_body_concatenates_text_blocks() {
         let body = json!({
-            "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5-5",
             "content": [{"type": "text", "text": "a"}, {"type": "tool_use", "id": "t"}, {"type": "text", "text": "b"}],
             "stop_reason": "end_turn",
             "usage": {"input_tokens": 1, "output_tokens": 2}
@@ -473,7 +473,7 @@ mod tests {
         let c = client(&format!("{}/", emu.base_url()), "any-key");
         let r = c.messages(&simple_body()).await.expect("response");
         assert!(r.id.starts_with("msg_"));
-        assert_eq!(r.model, "claude-test");
+        assert_eq!(r.model, "claude-sonnet-5-5");
         assert_eq!(r.stop_reason.as_deref(), Some("end_turn"));
         assert!(r.usage.input_tokens > 0 && r.usage.output_tokens > 0);
         emu.shutdown().await;
@@ -534,7 +534,7 @@ mod tests {
     #[tokio::test]
     async fn invalid_request_is_rejected_400() {
         let emu = start(EmulatorConfig::default()).await;
-        let body = json!({"model": "m", "max_tokens": 0, "messages": []});
+        let body = json!({"model": "claude-sonnet-5-5", "max_tokens": 0, "messages": []});
         let err = client(emu.base_url(), "k")
             .messages(&body)
             .await

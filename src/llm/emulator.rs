@@ -656,6 +656,7 @@ fn parse_request(value: &Value, needs_max_tokens: bool) -> Result<ParsedRequest,
         ));
     }
     let model = parse_model(obj)?;
+    check_model(&model)?;
     let max_tokens = if needs_max_tokens {
         parse_max_tokens(obj)?
     } else {
@@ -684,6 +685,23 @@ fn parse_model(obj: &Map<String, Value>) -> Result<String, ApiError> {
         )),
         Some(_) => Err(ApiError::invalid("model: Input should be a valid string")),
     }
+}
+
+/// Like the API: a model that is not served (unknown, or retired by today per
+/// `jobs/models.toml`) is a 404 `not_found_error` naming it.
+fn check_model(model: &str) -> Result<(), ApiError> {
+    let today = chrono::Utc::now().date_naive();
+    let served = super::ModelTable::builtin()
+        .usable(today)
+        .any(|id| id == model);
+    if served {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "not_found_error",
+        message: format!("model: {model}"),
+    })
 }
 
 /// `max_tokens`: positive integer.

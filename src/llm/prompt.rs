@@ -338,8 +338,12 @@ mod tests {
 
     #[test]
     fn request_layout_has_four_cached_system_blocks() {
-        let body = build_request("claude-x", 1024, &inputs("Rep: Hi?", "discovery", "KB"));
-        assert_eq!(body["model"], "claude-x");
+        let body = build_request(
+            "claude-haiku-5-5",
+            1024,
+            &inputs("Rep: Hi?", "discovery", "KB"),
+        );
+        assert_eq!(body["model"], "claude-haiku-5-5");
         assert_eq!(body["max_tokens"], 1024);
         let system = body["system"].as_array().expect("system array");
         assert_eq!(system.len(), 4);
@@ -386,7 +390,7 @@ mod tests {
         let emu = start().await;
         let client = LlmClient::new(emu.base_url(), "k", Duration::from_secs(10)).expect("client");
         let ask = |t: &'static str| {
-            let body = build_request("claude-test", 1024, &inputs(t, "discovery", "KB"));
+            let body = build_request("claude-sonnet-5-5", 1024, &inputs(t, "discovery", "KB"));
             let client = client.clone();
             async move {
                 let response = client.messages(&body).await.expect("response");
@@ -414,7 +418,7 @@ mod tests {
         let client = LlmClient::new(emu.base_url(), "k", Duration::from_secs(10)).expect("client");
         let kb = "Callcoach integrates with every major CRM. ".repeat(120);
         let body = build_request(
-            "claude-test",
+            "claude-sonnet-5-5",
             1024,
             &inputs(TRANSCRIPT_A, "engagement", &kb),
         );
@@ -431,7 +435,11 @@ mod tests {
         assert_eq!(first.input_tokens, second.input_tokens);
 
         // Another dimension of the same call reuses the whole system prefix.
-        let body = build_request("claude-test", 1024, &inputs(TRANSCRIPT_A, "discovery", &kb));
+        let body = build_request(
+            "claude-sonnet-5-5",
+            1024,
+            &inputs(TRANSCRIPT_A, "discovery", &kb),
+        );
         let third = client.messages(&body).await.expect("third").usage;
         assert_eq!(
             third.cache_read_input_tokens,
@@ -445,7 +453,11 @@ mod tests {
         let emu = start().await;
         let client = LlmClient::new(emu.base_url(), "k", Duration::from_secs(10)).expect("client");
         let transcript = format!("{TRANSCRIPT_A}\n[[emulator:malformed]]");
-        let body = build_request("claude-test", 1024, &inputs(&transcript, "discovery", "KB"));
+        let body = build_request(
+            "claude-sonnet-5-5",
+            1024,
+            &inputs(&transcript, "discovery", "KB"),
+        );
         let response = client.messages(&body).await.expect("HTTP success");
         let err = parse_coaching(&response.text).expect_err("malformed");
         assert!(matches!(err, LlmError::BadOutput(_)), "{err:?}");

@@ -190,3 +190,21 @@ async fn spawn_app_with_attempts(n: i32) -> crate::helpers::TestApp {
     })
     .await
 }
+
+#[tokio::test]
+async fn a_model_the_api_does_not_know_fails_the_job_at_once_with_its_message() {
+    let mut app = spawn_app().await;
+    app.emulator.inject_failures(404, 1);
+    app.start_worker();
+    let call_id = app.ingest(&sample_call("not-found")).await;
+    let job_id = app.enqueue(call_id, &["discovery"]).await;
+    let job = app.wait_for_job(job_id, 30).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempts"], 1, "no retry: {job}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("404 not_found_error"), "{error}");
+    assert!(
+        error.contains("Not found (emulated)"),
+        "the API's message: {error}"
+    );
+}

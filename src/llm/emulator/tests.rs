@@ -15,7 +15,7 @@ fn client(emu: &EmulatorHandle) -> LlmClient {
 
 fn body(content: &str) -> Value {
     json!({
-        "model": "claude-test",
+        "model": "claude-sonnet-5-5",
         "max_tokens": 256,
         "messages": [{"role": "user", "content": content}]
     })
@@ -149,7 +149,7 @@ async fn auth_and_version_headers() {
     assert!(response_headers.contains_key("request-id"));
     assert_eq!(ok["type"], "message");
     assert_eq!(ok["role"], "assistant");
-    assert_eq!(ok["model"], "claude-test");
+    assert_eq!(ok["model"], "claude-sonnet-5-5");
     assert_eq!(ok["content"][0]["type"], "text");
     assert_eq!(ok["stop_reason"], "end_turn");
     assert!(ok["stop_sequence"].is_null());
@@ -202,20 +202,20 @@ async fn malformed_bodies_get_invalid_request_errors() {
         ("[]".to_owned(), "JSON object"),
         (json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}).to_string(), "model: Field required"),
         (json!({"model": "", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}).to_string(), "model:"),
-        (json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}).to_string(), "max_tokens: Field required"),
-        (json!({"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}).to_string(), "greater than or equal to 1"),
-        (json!({"model": "m", "max_tokens": 1.5, "messages": [{"role": "user", "content": "x"}]}).to_string(), "valid integer"),
-        (json!({"model": "m", "max_tokens": 5, "messages": []}).to_string(), "at least one message"),
-        (json!({"model": "m", "max_tokens": 5}).to_string(), "messages: Field required"),
-        (json!({"model": "m", "max_tokens": 5, "messages": [{"role": "assistant", "content": "x"}]}).to_string(), "first message"),
-        (json!({"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}).to_string(), "role"),
-        (json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 3}]}).to_string(), "content"),
-        (json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}).to_string(), "non-empty"),
-        (json!({"model": "m", "max_tokens": 5, "system": [{"type": "image"}], "messages": [{"role": "user", "content": "x"}]}).to_string(), "system.0.type"),
-        (json!({"model": "m", "max_tokens": 5, "system": 7, "messages": [{"role": "user", "content": "x"}]}).to_string(), "system:"),
-        (json!({"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "2h"}}], "messages": [{"role": "user", "content": "x"}]}).to_string(), "ttl"),
-        (json!({"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "s", "cache_control": {"type": "persistent"}}], "messages": [{"role": "user", "content": "x"}]}).to_string(), "ephemeral"),
-        (json!({"model": "m", "max_tokens": 5, "stream": true, "messages": [{"role": "user", "content": "x"}]}).to_string(), "stream"),
+        (json!({"model": "claude-sonnet-5-5", "messages": [{"role": "user", "content": "x"}]}).to_string(), "max_tokens: Field required"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}).to_string(), "greater than or equal to 1"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 1.5, "messages": [{"role": "user", "content": "x"}]}).to_string(), "valid integer"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "messages": []}).to_string(), "at least one message"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5}).to_string(), "messages: Field required"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "messages": [{"role": "assistant", "content": "x"}]}).to_string(), "first message"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}).to_string(), "role"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": 3}]}).to_string(), "content"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}).to_string(), "non-empty"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "system": [{"type": "image"}], "messages": [{"role": "user", "content": "x"}]}).to_string(), "system.0.type"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "system": 7, "messages": [{"role": "user", "content": "x"}]}).to_string(), "system:"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "2h"}}], "messages": [{"role": "user", "content": "x"}]}).to_string(), "ttl"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "system": [{"type": "text", "text": "s", "cache_control": {"type": "persistent"}}], "messages": [{"role": "user", "content": "x"}]}).to_string(), "ephemeral"),
+        (json!({"model": "claude-sonnet-5-5", "max_tokens": 5, "stream": true, "messages": [{"role": "user", "content": "x"}]}).to_string(), "stream"),
     ];
     for (payload, needle) in cases {
         let (status, response_headers, err) = raw_post(&url, &headers, payload.clone()).await;
@@ -245,7 +245,11 @@ async fn injected_failures_and_counters() {
     let err = c.messages(&body("x")).await.expect_err("529");
     assert!(matches!(err, LlmError::Overloaded { .. }), "{err:?}");
     assert!(c.messages(&body("x")).await.is_ok());
-    assert!(c.messages(&json!({"model": "m"})).await.is_err());
+    assert!(
+        c.messages(&json!({"model": "claude-sonnet-5-5"}))
+            .await
+            .is_err()
+    );
 
     // count_tokens is neither faulted nor counted.
     emu.inject_failures(500, 1);
@@ -386,7 +390,7 @@ async fn coaching_answers_depend_on_dimension_and_transcript() {
             dimension_criteria: "Criteria.",
         };
         let text = c
-            .messages(&build_request("m", 1024, &inputs))
+            .messages(&build_request("claude-sonnet-5-5", 1024, &inputs))
             .await
             .expect("ok")
             .text;
@@ -409,7 +413,7 @@ fn long_request(ttl: Option<&str>, tail: &str) -> ParsedRequest {
         control["ttl"] = json!(ttl);
     }
     let request = json!({
-        "model": "m",
+        "model": "claude-sonnet-5-5",
         "max_tokens": 10,
         "system": [
             {"type": "text", "text": "a".repeat(2_000), "cache_control": control},
@@ -535,7 +539,7 @@ fn transcript_and_dimension_detection() {
     assert_eq!(find_dimension("nothing here"), "general");
     let req = parse_request(
         &json!({
-            "model": "m", "max_tokens": 5,
+            "model": "claude-sonnet-5-5", "max_tokens": 5,
             "system": [
                 {"type": "text", "text": "The call is in <transcript></transcript> tags."},
                 {"type": "text", "text": "intro <transcript>\nRep: hi?\n</transcript> outro"},
@@ -557,4 +561,22 @@ fn base_url_uses_loopback_for_unspecified() {
     assert_eq!(base_url_for(addr), "http://127.0.0.1:8080");
     let addr: SocketAddr = "[::]:8080".parse().expect("addr");
     assert_eq!(base_url_for(addr), "http://[::1]:8080");
+}
+
+#[tokio::test]
+async fn retired_and_unknown_models_are_not_found_and_fail_without_retry() {
+    let emu = start(EmulatorConfig::default()).await;
+    for model in ["claude-sonnet-4-5-20250929", "claude-nine"] {
+        let mut request = body("Hello");
+        request["model"] = json!(model);
+        let err = client(&emu).messages(&request).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("404") && text.contains("not_found_error"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("model: {model}")), "{text}");
+        assert!(!err.is_retryable(), "a 404 must fail the job at once");
+    }
+    assert!(client(&emu).messages(&body("Hello")).await.is_ok());
 }
