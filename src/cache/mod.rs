@@ -175,7 +175,22 @@ impl CoachingCache {
             }
             first = false;
             if let Some(lease) = self.acquire(key).await? {
-                return self.compute_with(key, lease, compute, store).await;
+                // Someone may have finished between our lookup and our lease.
+                let outcome = match self.lookup(key, false).await {
+                    Ok(Some((result, tier))) => Ok(Outcome::Hit {
+                        result,
+                        tier,
+                        waited: Duration::ZERO,
+                    }),
+                    Ok(None) => self
+                        .compute_and_store(key, &lease, compute, store)
+                        .await
+                        .map(|(result, extra)| Outcome::Computed { result, extra }),
+                    Err(e) => Err(e.into()),
+                };
+                // On failure too: a waiter may take over at once (reusing a paid answer).
+                self.release(lease).await;
+                return outcome;
             }
             if Instant::now() > deadline {
                 return Err(anyhow::anyhow!("gave up waiting for the computation of {key}").into());
@@ -183,37 +198,6 @@ impl CoachingCache {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
-    }
-
-    async fn compute_with<T, E, C, CF, S, SF>(
-        &self,
-        key: &CacheKey,
-        lease: Lease,
-        compute: C,
-        store: S,
-    ) -> Result<Outcome<T>, E>
-    where
-        T: serde::Serialize + serde::de::DeserializeOwned,
-        C: FnOnce() -> CF,
-        CF: Future<Output = Result<(CoachingResult, T), E>>,
-        S: FnOnce(CoachingResult, &T) -> SF,
-        SF: Future<Output = Result<CoachingResult, E>>,
-        E: From<anyhow::Error>,
-    {
-        // Someone may have finished between our lookup and our lease.
-        if let Some((result, tier)) = self.lookup(key, false).await? {
-            self.release(lease).await;
-            return Ok(Outcome::Hit {
-                result,
-                tier,
-                waited: Duration::ZERO,
-            });
-        }
-        let outcome = self.compute_and_store(key, &lease, compute, store).await;
-        // On failure too: a waiter may take over at once (reusing a paid answer, if any).
-        self.release(lease).await;
-        let (result, extra) = outcome?;
-        Ok(Outcome::Computed { result, extra })
     }
 
     /// Under the lease: reuses a paid answer or computes one (keeping it until stored), then

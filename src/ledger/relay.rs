@@ -83,8 +83,7 @@ impl Upkeep {
         let mut ids = Vec::with_capacity(rows.len());
         for row in rows {
             let id: Uuid = row.get("id");
-            let lane: String = row.get("lane");
-            let lane: Lane = lane.parse().map_err(anyhow::Error::msg)?;
+            let lane: Lane = super::decode(&row, "lane")?;
             let run_at: DateTime<Utc> = row.get("run_at");
             ids.push(id);
             pushes.push(Push {
@@ -179,8 +178,7 @@ impl Upkeep {
         }
         let mut waiting = Vec::with_capacity(rows.len());
         for row in rows {
-            let lane: String = row.get("lane");
-            let lane: Lane = lane.parse().map_err(anyhow::Error::msg)?;
+            let lane: Lane = super::decode(&row, "lane")?;
             waiting.push((
                 lane,
                 row.get::<Uuid, _>("id"),

@@ -62,19 +62,16 @@ pub enum Outcome {
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
 
-enum Request {
-    Claim {
-        id: Uuid,
-        delivery: i32,
-        reply: Reply<Option<Claimed>>,
-    },
-    Finish {
-        id: Uuid,
-        delivery: i32,
-        outcome: Outcome,
-        reply: Reply<bool>,
-    },
+/// One caller's request: which delivery, what to write, where to answer.
+struct Request<P, R> {
+    id: Uuid,
+    delivery: i32,
+    payload: P,
+    reply: Reply<R>,
 }
+
+type ClaimRequest = Request<(), Option<Claimed>>;
+type FinishRequest = Request<Outcome, bool>;
 
 /// Why a grouped write failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,8 +81,8 @@ pub struct LedgerError(String);
 /// Handle to the writer tasks. Cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    claims: mpsc::UnboundedSender<Request>,
-    finishes: mpsc::UnboundedSender<Request>,
+    claims: mpsc::UnboundedSender<ClaimRequest>,
+    finishes: mpsc::UnboundedSender<FinishRequest>,
 }
 
 /// Settings of the claims the writer makes.
@@ -101,19 +98,18 @@ impl Ledger {
     /// Starts the (supervised) writer tasks on the current tokio runtime.
     pub fn start(pg: PgPool, settings: ClaimSettings) -> Self {
         let settings = Arc::new(settings);
-        let start = |name| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let rx = Arc::new(Mutex::new(rx));
-            let (pg, settings) = (pg.clone(), settings.clone());
-            supervise::spawn(name, move || {
-                writer(pg.clone(), rx.clone(), settings.clone())
-            });
-            tx
+        let claims = {
+            let pg = pg.clone();
+            spawn_writer("ledger claim writer", move |batch| {
+                let (pg, settings) = (pg.clone(), settings.clone());
+                async move { write_claims(&pg, &settings, batch).await }
+            })
         };
-        Self {
-            claims: start("ledger claim writer"),
-            finishes: start("ledger outcome writer"),
-        }
+        let finishes = spawn_writer("ledger outcome writer", move |batch| {
+            let pg = pg.clone();
+            async move { write_finishes(&pg, batch).await }
+        });
+        Self { claims, finishes }
     }
 
     /// Claims a delivery: marks the job running under a lease and counts an attempt. `None`
@@ -123,9 +119,10 @@ impl Ledger {
         let (reply, answer) = oneshot::channel();
         Self::send(
             &self.claims,
-            Request::Claim {
+            Request {
                 id,
                 delivery,
+                payload: (),
                 reply,
             },
         )?;
@@ -143,10 +140,10 @@ impl Ledger {
         let (reply, answer) = oneshot::channel();
         Self::send(
             &self.finishes,
-            Request::Finish {
+            Request {
                 id,
                 delivery,
-                outcome,
+                payload: outcome,
                 reply,
             },
         )?;
@@ -160,67 +157,59 @@ impl Ledger {
             .map_err(LedgerError)
     }
 
-    fn send(to: &mpsc::UnboundedSender<Request>, request: Request) -> Result<(), LedgerError> {
+    fn send<P, R>(
+        to: &mpsc::UnboundedSender<Request<P, R>>,
+        request: Request<P, R>,
+    ) -> Result<(), LedgerError> {
         to.send(request)
             .map_err(|_| LedgerError("the writer is not running".into()))
     }
 }
 
-async fn writer(
-    pg: PgPool,
-    rx: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>,
-    claims: Arc<ClaimSettings>,
-) {
-    let mut rx = rx.lock().await;
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let (claim_requests, finishes): (Vec<_>, Vec<_>) = batch
-            .drain(..)
-            .partition(|r| matches!(r, Request::Claim { .. }));
-        if !claim_requests.is_empty() {
-            write_claims(&pg, &claims, claim_requests).await;
+/// Starts a supervised task that hands every waiting request (up to [`MAX_BATCH`]) to
+/// `write` as one batch, and returns the channel callers send to.
+fn spawn_writer<P, R, F, Fut>(name: &'static str, write: F) -> mpsc::UnboundedSender<Request<P, R>>
+where
+    P: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Vec<Request<P, R>>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let rx = Arc::new(Mutex::new(rx));
+    supervise::spawn(name, move || {
+        let (rx, write) = (rx.clone(), write.clone());
+        async move {
+            let mut rx = rx.lock().await;
+            let mut batch = Vec::with_capacity(MAX_BATCH);
+            while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                write(std::mem::take(&mut batch)).await;
+                metrics::counter!(metric::LEDGER_BATCHES).increment(1);
+            }
         }
-        if !finishes.is_empty() {
-            write_finishes(&pg, finishes).await;
-        }
-        metrics::counter!(metric::LEDGER_BATCHES).increment(1);
-    }
+    });
+    tx
 }
+
+/// A batch of requests of one kind.
+type Batch<P, R> = Vec<Request<P, R>>;
 
 /// Splits requests for the same (id, delivery) so that only the first goes to the database;
-/// the rest are answered as losers.
-fn first_per_delivery<T>(requests: Vec<(Uuid, i32, T)>) -> (Vec<(Uuid, i32, T)>, Vec<T>) {
+/// the rest are the losers.
+fn first_per_delivery<P, R>(requests: Batch<P, R>) -> (Batch<P, R>, Batch<P, R>) {
     let mut seen = HashSet::new();
-    let mut firsts = Vec::with_capacity(requests.len());
-    let mut duplicates = Vec::new();
-    for (id, delivery, item) in requests {
-        if seen.insert((id, delivery)) {
-            firsts.push((id, delivery, item));
-        } else {
-            duplicates.push(item);
-        }
-    }
-    (firsts, duplicates)
+    requests
+        .into_iter()
+        .partition(|r| seen.insert((r.id, r.delivery)))
 }
 
-async fn write_claims(pg: &PgPool, settings: &ClaimSettings, requests: Vec<Request>) {
-    let requests = requests
-        .into_iter()
-        .filter_map(|r| match r {
-            Request::Claim {
-                id,
-                delivery,
-                reply,
-            } => Some((id, delivery, reply)),
-            Request::Finish { .. } => None,
-        })
-        .collect();
+async fn write_claims(pg: &PgPool, settings: &ClaimSettings, requests: Vec<ClaimRequest>) {
     let (requests, losers) = first_per_delivery(requests);
-    for reply in losers {
-        let _ = reply.send(Ok(None));
+    for loser in losers {
+        let _ = loser.reply.send(Ok(None));
     }
-    let ids: Vec<Uuid> = requests.iter().map(|r| r.0).collect();
-    let deliveries: Vec<i32> = requests.iter().map(|r| r.1).collect();
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
+    let deliveries: Vec<i32> = requests.iter().map(|r| r.delivery).collect();
     let rows = claim_rows(pg, settings, &ids, &deliveries).await;
     match rows {
         Ok(rows) => {
@@ -234,13 +223,13 @@ async fn write_claims(pg: &PgPool, settings: &ClaimSettings, requests: Vec<Reque
                     ((r.get(0), r.get(1)), claim)
                 })
                 .collect();
-            for (id, delivery, reply) in requests {
-                let _ = reply.send(Ok(claimed.get(&(id, delivery)).copied()));
+            for r in requests {
+                let _ = r.reply.send(Ok(claimed.get(&(r.id, r.delivery)).copied()));
             }
         }
         Err(e) => {
-            for (_, _, reply) in requests {
-                let _ = reply.send(Err(e.to_string()));
+            for r in requests {
+                let _ = r.reply.send(Err(e.to_string()));
             }
         }
     }
@@ -318,26 +307,24 @@ impl From<Outcome> for FinishRow {
     }
 }
 
-async fn write_finishes(pg: &PgPool, requests: Vec<Request>) {
-    let requests = requests
-        .into_iter()
-        .filter_map(|r| match r {
-            Request::Finish {
-                id,
-                delivery,
-                outcome,
-                reply,
-            } => Some((id, delivery, (FinishRow::from(outcome), reply))),
-            Request::Claim { .. } => None,
-        })
-        .collect();
+async fn write_finishes(pg: &PgPool, requests: Vec<FinishRequest>) {
     let (requests, losers) = first_per_delivery(requests);
-    for (_, reply) in losers {
-        let _ = reply.send(Ok(false));
+    for loser in losers {
+        let _ = loser.reply.send(Ok(false));
     }
-    let ids: Vec<Uuid> = requests.iter().map(|r| r.0).collect();
-    let deliveries: Vec<i32> = requests.iter().map(|r| r.1).collect();
-    let rows: Vec<&FinishRow> = requests.iter().map(|r| &r.2.0).collect();
+    let n = requests.len();
+    let (mut ids, mut deliveries, mut rows, mut replies) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for r in requests {
+        ids.push(r.id);
+        deliveries.push(r.delivery);
+        rows.push(FinishRow::from(r.payload));
+        replies.push(r.reply);
+    }
     let applied = sqlx::query_as::<_, (Uuid, i32)>(
         "UPDATE jobs j SET status = t.state, result = t.result, last_error = t.error,
                 delivery = j.delivery + CASE WHEN t.again THEN 1 ELSE 0 END,
@@ -366,12 +353,12 @@ async fn write_finishes(pg: &PgPool, requests: Vec<Request>) {
     match applied {
         Ok(applied) => {
             let applied: HashSet<(Uuid, i32)> = applied.into_iter().collect();
-            for (id, delivery, (_, reply)) in requests {
+            for ((id, delivery), reply) in ids.into_iter().zip(deliveries).zip(replies) {
                 let _ = reply.send(Ok(applied.contains(&(id, delivery))));
             }
         }
         Err(e) => {
-            for (_, _, (_, reply)) in requests {
+            for reply in replies {
                 let _ = reply.send(Err(e.to_string()));
             }
         }
@@ -418,8 +405,21 @@ mod tests {
     fn duplicate_deliveries_have_one_first() {
         let a = Uuid::now_v7();
         let b = Uuid::now_v7();
-        let (firsts, dups) = first_per_delivery(vec![(a, 0, 1), (a, 0, 2), (a, 1, 3), (b, 0, 4)]);
-        assert_eq!(firsts, vec![(a, 0, 1), (a, 1, 3), (b, 0, 4)]);
-        assert_eq!(dups, vec![2]);
+        let request = |id, delivery, payload: u8| Request::<u8, ()> {
+            id,
+            delivery,
+            payload,
+            reply: oneshot::channel().0,
+        };
+        let batch = vec![
+            request(a, 0, 1),
+            request(a, 0, 2),
+            request(a, 1, 3),
+            request(b, 0, 4),
+        ];
+        let (firsts, dups) = first_per_delivery(batch);
+        let payloads = |rs: &[Request<u8, ()>]| rs.iter().map(|r| r.payload).collect::<Vec<_>>();
+        assert_eq!(payloads(&firsts), [1, 3, 4]);
+        assert_eq!(payloads(&dups), [2]);
     }
 }
