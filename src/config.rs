@@ -3,6 +3,7 @@
 //! Every variable has one parser; a bad value stops start-up with a [`ConfigError`] naming the
 //! variable. Secrets are wrapped in [`Secret`], whose `Debug`/`Display` never show the value.
 
+use crate::llm::prompt::{BlockOrder, CacheTtl, Effort, PromptOptions};
 use std::{collections::HashMap, fmt, time::Duration};
 
 /// A value that must never be printed (passwords, API keys, URLs carrying credentials).
@@ -70,8 +71,15 @@ pub struct Settings {
     /// Model id (`CLAUDE_MODEL`, default the current Sonnet); must be in `jobs/models.toml`
     /// and not retired.
     pub claude_model: String,
-    /// Output budget per analysis (`CLAUDE_MAX_TOKENS`, default 1024).
+    /// Output budget per analysis, thinking included (`CLAUDE_MAX_TOKENS`, default 4096).
     pub claude_max_tokens: u32,
+    /// `output_config.effort` (`CLAUDE_EFFORT`: low, medium, high, xhigh, max, or `default`
+    /// to send none). Default `low`: thinking is billed as output, and scoring against a
+    /// rubric gains little from long thinking.
+    pub claude_effort: Option<Effort>,
+    /// Prompt block order (`PROMPT_ORDER`: `transcript_cached`, the default and cheaper, or
+    /// the spec's `criteria_cached`).
+    pub prompt_order: BlockOrder,
     /// HTTP timeout for one LLM request (`LLM_TIMEOUT_SECS`, default 120).
     pub llm_timeout: Duration,
     /// Address `callcoach web` binds (`BIND_ADDR`, default 127.0.0.1:8080).
@@ -153,7 +161,12 @@ impl Settings {
             anthropic_api_key: Secret::new(get.get("ANTHROPIC_API_KEY").unwrap_or("emulator-key")),
             anthropic_base_url: url(get, "ANTHROPIC_BASE_URL", "http://127.0.0.1:4010")?,
             claude_model: claude_model(get)?,
-            claude_max_tokens: positive(get, "CLAUDE_MAX_TOKENS", 1024)?,
+            claude_max_tokens: positive(get, "CLAUDE_MAX_TOKENS", 4096)?,
+            claude_effort: match get.get("CLAUDE_EFFORT") {
+                Some("default") => None,
+                _ => Some(parse(get, "CLAUDE_EFFORT", Effort::Low)?),
+            },
+            prompt_order: parse(get, "PROMPT_ORDER", BlockOrder::default())?,
             llm_timeout: Duration::from_secs(positive(get, "LLM_TIMEOUT_SECS", 120)?),
             public_url: get
                 .get("PUBLIC_URL")
@@ -180,6 +193,17 @@ impl Settings {
             )?),
         };
         Ok(settings)
+    }
+
+    /// How analysis prompts are built for the configured model, writing cache entries
+    /// with `ttl`.
+    pub fn prompt_options(&self, ttl: CacheTtl) -> PromptOptions<'_> {
+        PromptOptions {
+            order: self.prompt_order,
+            ttl,
+            effort: self.claude_effort,
+            ..PromptOptions::new(&self.claude_model, self.claude_max_tokens)
+        }
     }
 
     /// TTL of Redis cache entries.
@@ -287,6 +311,30 @@ mod tests {
             .collect();
         map.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         map
+    }
+
+    #[test]
+    fn effort_and_prompt_order_are_configurable() {
+        let s = Settings::from_map(&env(&[])).unwrap();
+        assert_eq!(s.claude_effort, Some(Effort::Low));
+        assert_eq!(s.prompt_order, BlockOrder::TranscriptCached);
+        let o = s.prompt_options(CacheTtl::OneHour);
+        assert_eq!((o.min_cacheable_tokens, o.ttl), (1024, CacheTtl::OneHour));
+        let s = Settings::from_map(&env(&[
+            ("CLAUDE_EFFORT", "default"),
+            ("PROMPT_ORDER", "criteria_cached"),
+            ("CLAUDE_MODEL", "claude-haiku-5-5"),
+        ]))
+        .unwrap();
+        assert_eq!(s.claude_effort, None);
+        assert_eq!(s.prompt_order, BlockOrder::CriteriaCached);
+        assert_eq!(
+            s.prompt_options(CacheTtl::FiveMinutes).min_cacheable_tokens,
+            4096
+        );
+        let err = Settings::from_map(&env(&[("CLAUDE_EFFORT", "huge")])).unwrap_err();
+        assert!(err.message.contains("huge"), "{}", err.message);
+        assert!(Settings::from_map(&env(&[("PROMPT_ORDER", "x")])).is_err());
     }
 
     #[test]

@@ -221,8 +221,8 @@ impl Bench {
             dimension_criteria: "Open questions.",
         };
         let s = &self.app.settings;
-        let body = llm::build_request(&s.claude_model, s.claude_max_tokens, &prompt);
-        let response = self.app.jobs.llm.messages(&body).await?;
+        let request = llm::build_request(&s.prompt_options(llm::CacheTtl::FiveMinutes), &prompt);
+        let response = self.app.jobs.llm.messages(&request.body).await?;
         Ok((llm::parse_coaching(&response.text)?, ()))
     }
 

@@ -11,7 +11,10 @@ use crate::{
     config::Settings,
     db::{self, CallForAnalysis},
     delivery::Lane,
-    llm::{self, CoachingResult, LlmError, PromptInputs, Usage},
+    llm::{
+        self, CacheTtl, CoachingResult, LlmError, ModelTable, PromptInputs, Usage,
+        cost::{Cost, RunCost},
+    },
     model::Dimension,
     telemetry::names,
 };
@@ -193,11 +196,22 @@ pub fn cache_key(
         rubric_version: rubric_version.to_string(),
         fingerprint: fingerprint(
             &settings.claude_model,
-            llm::PROMPT_TEMPLATE_VERSION,
+            &prompt_variant(settings),
             kb_version,
             settings.claude_max_tokens,
         ),
     }
+}
+
+/// The prompt template version with the options that change the answer (block order,
+/// effort): analyses built differently never share a cache entry.
+fn prompt_variant(settings: &Settings) -> String {
+    let effort = settings.claude_effort.map_or("default", |e| e.as_str());
+    format!(
+        "{}:{:?}:{effort}",
+        llm::PROMPT_TEMPLATE_VERSION,
+        settings.prompt_order
+    )
 }
 
 /// The cache key the next analysis of a call and dimension will use (for tools and tests).
@@ -226,8 +240,8 @@ async fn call_llm(
     prompt: &PromptInputs<'_>,
 ) -> Result<(CoachingResult, Usage), JobError> {
     let s = &ctx.settings;
-    let body = llm::build_request(&s.claude_model, s.claude_max_tokens, prompt);
-    let response = ctx.llm.messages(&body).await;
+    let request = llm::build_request(&s.prompt_options(CacheTtl::FiveMinutes), prompt);
+    let response = ctx.llm.messages(&request.body).await;
     let outcome = match &response {
         Ok(_) => "ok",
         Err(e) if e.is_throttle() => "throttled",
@@ -236,10 +250,13 @@ async fn call_llm(
     metrics::counter!(names::LLM_REQUESTS, "outcome" => outcome).increment(1);
     let response = response.map_err(llm_error_outcome)?;
     let u = response.usage;
+    let (write_5m, write_1h) = u.cache_writes();
     for (kind, n) in [
         ("input", u.input_tokens),
         ("output", u.output_tokens),
-        ("cache_creation", u.cache_creation_input_tokens),
+        ("thinking", u.thinking_tokens()),
+        ("cache_creation_5m", write_5m),
+        ("cache_creation_1h", write_1h),
         ("cache_read", u.cache_read_input_tokens),
     ] {
         metrics::counter!(names::LLM_TOKENS, "kind" => kind).increment(n);
@@ -250,7 +267,8 @@ async fn call_llm(
 
 fn llm_error_outcome(e: LlmError) -> JobError {
     if e.is_throttle() {
-        let after = e.retry_after().unwrap_or(std::time::Duration::from_secs(5));
+        // The back-off floor (`snooze_delay`) grows with repeated throttles.
+        let after = e.retry_after().unwrap_or_default();
         JobError::Snooze {
             after,
             reason: e.to_string(),
@@ -290,18 +308,33 @@ async fn store(
         .bind(&key)
         .execute(&mut *tx)
         .await?;
-    let winner: Option<serde_json::Value> =
-        sqlx::query_scalar("SELECT result FROM coaching_cache WHERE cache_key = $1")
-            .bind(&key)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let winner: Option<(serde_json::Value, Option<f64>, Option<f64>)> = sqlx::query_as(
+        "SELECT c.result, r.cost_usd, r.cost_without_prompt_cache_usd
+         FROM coaching_cache c
+         LEFT JOIN coaching_sessions s ON s.id = c.session_id
+         LEFT JOIN analysis_runs r ON r.id = s.analysis_run_id
+         WHERE c.cache_key = $1",
+    )
+    .bind(&key)
+    .fetch_optional(&mut *tx)
+    .await?;
     let cached = winner.is_some();
-    let result_json = match winner {
-        Some(json) => json,
-        None => serde_json::to_value(result)?,
+    let (result_json, origin) = match winner {
+        Some((json, usd, without)) => (
+            json,
+            Cost {
+                usd: usd.unwrap_or(0.0),
+                without_prompt_cache_usd: without.unwrap_or(0.0),
+            },
+        ),
+        None => (serde_json::to_value(result)?, Cost::default()),
     };
     let stored: CoachingResult = serde_json::from_value(result_json.clone())?;
-    let run_id = insert_run(&mut tx, run, &key).await?;
+    let cost = match run.source {
+        "llm" => RunCost::computed(run_cost(run)),
+        _ => RunCost::hit(origin),
+    };
+    let run_id = insert_run(&mut tx, run, &key, &cost).await?;
     let existing: Option<Uuid> = sqlx::query_scalar(
         "SELECT id FROM coaching_sessions WHERE call_id = $1 AND cache_key = $2 LIMIT 1",
     )
@@ -340,18 +373,33 @@ async fn store(
     Ok(stored)
 }
 
+/// What an LLM run paid, priced from the model table (a model missing from the table, which
+/// start-up refuses, would price at zero).
+fn run_cost(run: &StoredRun<'_>) -> Cost {
+    ModelTable::builtin()
+        .get(run.model)
+        .map(|m| Cost::of(m, &run.usage))
+        .unwrap_or_default()
+}
+
 async fn insert_run(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     run: &StoredRun<'_>,
     key: &str,
+    cost: &RunCost,
 ) -> sqlx::Result<Uuid> {
     let run_id = Uuid::now_v7();
     let u = run.usage;
+    let (write_5m, write_1h) = u.cache_writes();
+    let tier = (run.source == "llm").then(|| u.service_tier.as_str());
     sqlx::query(
         "INSERT INTO analysis_runs (id, job_id, call_id, dimension, rubric_version, cache_key, source,
              model, input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens, duration_ms,
-             singleflight_wait_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+             singleflight_wait_ms, cache_write_5m_tokens, cache_write_1h_tokens, thinking_tokens,
+             service_tier, cost_usd, cost_without_prompt_cache_usd, cost_without_session_cache_usd,
+             cost_without_caching_usd)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+             $19, $20, $21, $22)",
     )
     .bind(run_id)
     .bind(run.job_id)
@@ -367,6 +415,14 @@ async fn insert_run(
     .bind(u.cache_read_input_tokens as i64)
     .bind(run.started.elapsed().as_millis() as i64)
     .bind(run.waited.as_millis() as i64)
+    .bind(write_5m as i64)
+    .bind(write_1h as i64)
+    .bind(u.thinking_tokens() as i64)
+    .bind(tier)
+    .bind(cost.usd)
+    .bind(cost.without_prompt_cache_usd)
+    .bind(cost.without_session_cache_usd)
+    .bind(cost.without_caching_usd)
     .execute(&mut **tx)
     .await?;
     Ok(run_id)

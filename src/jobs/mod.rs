@@ -302,7 +302,7 @@ pub async fn perform_job(env: Envelope, ctx: &JobContext) -> anyhow::Result<RunL
         };
         metrics::histogram!(names::JOB_DURATION, "kind" => kind.name)
             .record(started.elapsed().as_secs_f64());
-        let (outcome, label) = outcome_of(kind, claim, result);
+        let (outcome, label) = outcome_of(kind, claim, env.delivery, result);
         let label = record(ctx, &env, outcome, label, guard).await?;
         metrics::counter!(names::JOBS_FINISHED, "kind" => kind.name, "outcome" => label.as_str())
             .increment(1);
@@ -316,6 +316,7 @@ pub async fn perform_job(env: Envelope, ctx: &JobContext) -> anyhow::Result<RunL
 fn outcome_of(
     kind: &JobKind,
     claim: crate::ledger::Claimed,
+    delivery: i32,
     result: Result<serde_json::Value, JobError>,
 ) -> (Outcome, RunLabel) {
     match result {
@@ -333,6 +334,8 @@ fn outcome_of(
             (again, RunLabel::Retry)
         }
         Err(JobError::Snooze { after, reason }) => {
+            // Deliveries beyond attempts are (mostly) earlier snoozes.
+            let after = snooze_delay(after, delivery - claim.attempt);
             tracing::info!(?after, %reason, "job snoozed");
             let again = Outcome::Again {
                 state: JobState::Snoozed,
@@ -348,6 +351,20 @@ fn outcome_of(
             (Outcome::Failed(e.to_string()), RunLabel::Failed)
         }
     }
+}
+
+/// Longest snooze the back-off alone imposes.
+const MAX_SNOOZE_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The delay before a snoozed job runs again: what the job asked for (e.g. the API's
+/// `retry-after`), but at least 1 s doubled per earlier snooze (capped at a minute), plus up
+/// to 25 % jitter so a fleet throttled together does not come back together.
+pub fn snooze_delay(requested: Duration, earlier_snoozes: i32) -> Duration {
+    let doublings = earlier_snoozes.clamp(0, 6) as u32;
+    let floor = Duration::from_secs(1 << doublings).min(MAX_SNOOZE_BACKOFF);
+    let delay = requested.max(floor);
+    let jitter_ms = rand::random_range(0..=delay.as_millis() as u64 / 4);
+    delay + Duration::from_millis(jitter_ms)
 }
 
 /// Writes an outcome; a discarded one (the delivery is no longer the running one) is reported
@@ -372,6 +389,31 @@ async fn record(
         Err(e) => {
             guard.write_failed();
             Err(e.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snoozes_honour_the_request_and_back_off_with_jitter() {
+        for _ in 0..50 {
+            let d = snooze_delay(Duration::from_millis(1500), 0);
+            assert!(d >= Duration::from_millis(1500) && d <= Duration::from_millis(1875));
+            let d = snooze_delay(Duration::from_millis(100), 3);
+            assert!(
+                d >= Duration::from_secs(8) && d <= Duration::from_secs(10),
+                "{d:?}"
+            );
+            let d = snooze_delay(Duration::ZERO, 40);
+            assert!(d >= MAX_SNOOZE_BACKOFF && d <= MAX_SNOOZE_BACKOFF * 5 / 4);
+            let d = snooze_delay(Duration::from_secs(120), 40);
+            assert!(
+                d >= Duration::from_secs(120),
+                "the API's retry-after wins: {d:?}"
+            );
         }
     }
 }

@@ -13,7 +13,10 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// Value sent in the `anthropic-version` header.
-pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+pub const ANTHROPIC_VERSION: &str = "2026-10-21";
+
+/// Header with the retry delay in milliseconds (preferred over `retry-after`).
+const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 /// Longest raw error body kept in an error message, in characters.
 const MAX_ERROR_BODY_CHARS: usize = 500;
@@ -43,6 +46,8 @@ pub enum LlmError {
     Server {
         /// HTTP status code.
         status: u16,
+        /// Delay requested by the `retry-after` header, if any.
+        retry_after: Option<Duration>,
         /// Error message from the API.
         message: String,
     },
@@ -90,9 +95,9 @@ impl LlmError {
     /// Delay the API asked us to wait before retrying, if it said so.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::RateLimited { retry_after, .. } | Self::Overloaded { retry_after, .. } => {
-                *retry_after
-            }
+            Self::RateLimited { retry_after, .. }
+            | Self::Overloaded { retry_after, .. }
+            | Self::Server { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -105,15 +110,98 @@ pub struct Usage {
     /// Uncached input tokens (after the last cache breakpoint hit or write).
     #[serde(deserialize_with = "u64_or_null")]
     pub input_tokens: u64,
-    /// Generated tokens.
+    /// Generated tokens, thinking included.
     #[serde(deserialize_with = "u64_or_null")]
     pub output_tokens: u64,
-    /// Input tokens written to the prompt cache by this request.
+    /// Input tokens written to the prompt cache by this request (both TTLs).
     #[serde(deserialize_with = "u64_or_null")]
     pub cache_creation_input_tokens: u64,
     /// Input tokens served from the prompt cache.
     #[serde(deserialize_with = "u64_or_null")]
     pub cache_read_input_tokens: u64,
+    /// The cache writes split by TTL.
+    #[serde(deserialize_with = "default_if_null")]
+    pub cache_creation: CacheCreation,
+    /// Details of `output_tokens`.
+    #[serde(deserialize_with = "default_if_null")]
+    pub output_tokens_details: OutputTokensDetails,
+    /// Which capacity served the request.
+    #[serde(deserialize_with = "default_if_null")]
+    pub service_tier: ServiceTier,
+}
+
+impl Usage {
+    /// Cache writes as (5-minute, 1-hour) tokens. An answer without the split (older API
+    /// versions) counts every write as a 5-minute write.
+    pub fn cache_writes(&self) -> (u64, u64) {
+        let c = self.cache_creation;
+        if c.ephemeral_5m_input_tokens + c.ephemeral_1h_input_tokens == 0 {
+            (self.cache_creation_input_tokens, 0)
+        } else {
+            (c.ephemeral_5m_input_tokens, c.ephemeral_1h_input_tokens)
+        }
+    }
+
+    /// Thinking tokens (part of `output_tokens`).
+    pub fn thinking_tokens(&self) -> u64 {
+        self.output_tokens_details.thinking_tokens
+    }
+}
+
+/// `usage.cache_creation`: cache writes by TTL.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CacheCreation {
+    /// Tokens written with the 5-minute TTL.
+    #[serde(deserialize_with = "u64_or_null")]
+    pub ephemeral_5m_input_tokens: u64,
+    /// Tokens written with the 1-hour TTL.
+    #[serde(deserialize_with = "u64_or_null")]
+    pub ephemeral_1h_input_tokens: u64,
+}
+
+/// `usage.output_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OutputTokensDetails {
+    /// Tokens spent thinking (billed as output).
+    #[serde(deserialize_with = "u64_or_null")]
+    pub thinking_tokens: u64,
+}
+
+/// `usage.service_tier`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTier {
+    /// Standard capacity.
+    #[default]
+    Standard,
+    /// Priority Tier capacity.
+    Priority,
+    /// A Message Batches request.
+    Batch,
+    /// A tier this version does not know.
+    #[serde(other)]
+    Other,
+}
+
+impl ServiceTier {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standard => "standard",
+            Self::Priority => "priority",
+            Self::Batch => "batch",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Treats an explicit JSON `null` like a missing field.
+fn default_if_null<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    de: D,
+) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(de)?.unwrap_or_default())
 }
 
 /// Treats an explicit JSON `null` like a missing field (0).
@@ -163,6 +251,8 @@ struct ApiErrorBody {
     #[serde(rename = "type")]
     kind: String,
     error: ApiErrorDetail,
+    #[serde(default)]
+    request_id: Option<String>,
 }
 
 /// The `error` object inside [`ApiErrorBody`].
@@ -272,10 +362,16 @@ fn chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-/// Reads a `retry-after` header given in (possibly fractional) seconds.
+/// The delay the API asked for: `retry-after-ms` (milliseconds) when present, else
+/// `retry-after` in (possibly fractional) seconds.
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let raw = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    let secs: f64 = raw.trim().parse().ok()?;
+    let number = |name| -> Option<f64> {
+        let value: f64 = headers.get(name)?.to_str().ok()?.trim().parse().ok()?;
+        (value.is_finite() && value >= 0.0).then_some(value)
+    };
+    let secs = number(RETRY_AFTER_MS)
+        .map(|ms| ms / 1000.0)
+        .or_else(|| number(RETRY_AFTER.as_str()))?;
     Duration::try_from_secs_f64(secs).ok()
 }
 
@@ -310,7 +406,11 @@ fn classify_error(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Ll
             retry_after,
             message,
         },
-        408 | 500..=599 => LlmError::Server { status, message },
+        408 | 500..=599 => LlmError::Server {
+            status,
+            retry_after,
+            message,
+        },
         _ => LlmError::Rejected {
             status,
             kind,
@@ -323,7 +423,13 @@ fn classify_error(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Ll
 /// falls back to `("unknown", <truncated raw body>)`.
 fn error_kind_and_message(status: u16, body: &[u8]) -> (String, String) {
     match serde_json::from_slice::<ApiErrorBody>(body) {
-        Ok(parsed) if parsed.kind == "error" => (parsed.error.kind, parsed.error.message),
+        Ok(parsed) if parsed.kind == "error" => {
+            let message = match parsed.request_id {
+                Some(id) => format!("{} (request {id})", parsed.error.message),
+                None => parsed.error.message,
+            };
+            (parsed.error.kind, message)
+        }
         _ => {
             let raw = truncated_body(body);
             let message = if raw.trim().is_empty() {
@@ -413,6 +519,7 @@ mod tests {
                 e,
                 LlmError::Server {
                     status,
+                    retry_after: None,
                     message: "oops".into()
                 }
             );
@@ -424,6 +531,50 @@ mod tests {
             assert!(!e.is_retryable() && !e.is_throttle());
             assert_eq!(e.retry_after(), None);
         }
+    }
+
+    #[test]
+    fn the_request_id_is_kept_and_retry_after_ms_wins() {
+        let body = br#"{"type":"error","error":{"type":"not_found_error","message":"model: claude-x"},"request_id":"req_42"}"#;
+        let e = classify_error(404, None, body);
+        assert_eq!(
+            e.to_string(),
+            "request rejected by the API (404 not_found_error): model: claude-x (request req_42)"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(RETRY_AFTER_MS, "1250.5".parse().unwrap());
+        assert_eq!(
+            parse_retry_after(&headers),
+            Some(Duration::from_micros(1_250_500))
+        );
+        headers.insert(RETRY_AFTER_MS, "-3".parse().unwrap());
+        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(parse_retry_after(&headers), None);
+    }
+
+    #[test]
+    fn usage_reads_the_cache_split_thinking_and_tier() {
+        let u: Usage = serde_json::from_value(json!({
+            "input_tokens": 50, "output_tokens": 900, "cache_creation_input_tokens": 3000,
+            "cache_read_input_tokens": 10000,
+            "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+            "output_tokens_details": {"thinking_tokens": 400}, "service_tier": "batch",
+            "server_tool_use": null, "inference_geo": "us"
+        }))
+        .expect("usage");
+        assert_eq!(u.cache_writes(), (1000, 2000));
+        assert_eq!(u.thinking_tokens(), 400);
+        assert_eq!(u.service_tier, ServiceTier::Batch);
+        let old: Usage = serde_json::from_value(json!({
+            "input_tokens": 1, "cache_creation_input_tokens": 30, "cache_creation": null,
+            "service_tier": "something-new"
+        }))
+        .expect("usage");
+        assert_eq!(old.cache_writes(), (30, 0));
+        assert_eq!(old.service_tier, ServiceTier::Other);
     }
 
     #[test]

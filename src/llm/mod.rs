@@ -4,17 +4,20 @@
 //!   for the job system's retry policy ([`LlmError`]).
 //! - [`prompt`]: [`build_request`] lays a dimension analysis out for prompt
 //!   caching; [`parse_coaching`] validates the model's JSON answer.
+//! - [`cost`]: what a call cost from its usage, and without each cache.
 //! - [`models`]: the model table (`jobs/models.toml`): prices, limits, lifecycle.
 //! - [`emulator`]: an Anthropic-compatible local server for dev, demos and
 //!   tests.
 
 pub mod client;
+pub mod cost;
 pub mod emulator;
 pub mod models;
 pub mod prompt;
 
-pub use client::{LlmClient, LlmError, LlmResponse, Usage};
+pub use client::{LlmClient, LlmError, LlmResponse, ServiceTier, Usage};
 pub use models::{ModelError, ModelTable};
 pub use prompt::{
-    CoachingResult, PROMPT_TEMPLATE_VERSION, PromptInputs, build_request, parse_coaching,
+    BlockOrder, CacheTtl, CoachingResult, Effort, PROMPT_TEMPLATE_VERSION, PromptInputs,
+    PromptOptions, PromptRequest, build_request, estimate_tokens, parse_coaching,
 };

@@ -1,11 +1,19 @@
 //! Prompt assembly for one coaching dimension and parsing of the model's
 //! JSON answer.
 //!
-//! The request is laid out for prompt caching: the four large, slowly
-//! changing parts (general instructions, role rubric, knowledge base,
-//! transcript) are separate `system` blocks, each ending in a cache
-//! breakpoint, so the analyses of the other dimensions of the same call reuse
-//! the cached prefix. Only the short dimension-specific user message changes.
+//! [`build_request`] lays a dimension analysis out for prompt caching. The large, slowly
+//! changing parts come first, each a `system` block: general instructions → role rubric →
+//! knowledge base → transcript ([`BlockOrder::TranscriptCached`]). The four dimension analyses
+//! of one call then share everything up to the transcript, which is written to the cache once
+//! and read three times; only the short dimension criteria and task are sent uncached. The
+//! spec's layout ([`BlockOrder::CriteriaCached`]: criteria cached, transcript uncached) stays
+//! available so `callcoach bench cost` can compare both.
+//!
+//! A block carries a cache breakpoint only where the prefix up to it reaches the model's
+//! minimum cacheable length (shorter prefixes are never cached, so a breakpoint there buys
+//! nothing); there are at most four. The answer is constrained by structured output
+//! (`output_config.format` with [`coaching_schema`]) and validated anyway by
+//! [`parse_coaching`]. No sampling parameters are sent: API version 2026-10-21 rejects them.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -14,13 +22,16 @@ use super::client::LlmError;
 
 /// Version of the prompt layout below; part of the analysis cache key, so
 /// bump it whenever the wording or structure of the prompt changes.
-pub const PROMPT_TEMPLATE_VERSION: &str = "1";
+pub const PROMPT_TEMPLATE_VERSION: &str = "2";
 
 /// Highest valid coaching score.
 const MAX_SCORE: u64 = 100;
 
 /// How many `{` positions [`parse_coaching`] tries before giving up.
 const MAX_OBJECT_STARTS: usize = 64;
+
+/// Most `cache_control` breakpoints the API accepts in one request.
+pub const MAX_BREAKPOINTS: usize = 4;
 
 /// The texts one dimension analysis is built from.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +52,138 @@ pub struct PromptInputs<'a> {
     pub dimension_criteria: &'a str,
 }
 
+/// Which block ends the cached part of the prompt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockOrder {
+    /// Instructions → rubric → knowledge base → transcript cached; criteria and task uncached.
+    #[default]
+    TranscriptCached,
+    /// The spec's order: instructions → rubric → knowledge base → criteria cached; transcript
+    /// and task uncached.
+    CriteriaCached,
+}
+
+impl std::str::FromStr for BlockOrder {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "transcript_cached" => Ok(Self::TranscriptCached),
+            "criteria_cached" => Ok(Self::CriteriaCached),
+            other => Err(format!(
+                "unknown prompt order {other:?}; use transcript_cached or criteria_cached"
+            )),
+        }
+    }
+}
+
+/// How long a prompt-cache entry lives after its last use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheTtl {
+    /// 5 minutes (writes cost 1.25× input): interactive work.
+    #[default]
+    #[serde(rename = "5m")]
+    FiveMinutes,
+    /// 1 hour (writes cost 2× input): batch and scheduled work, whose requests are spread out.
+    #[serde(rename = "1h")]
+    OneHour,
+}
+
+/// How much the model may think (`output_config.effort`); thinking is billed as output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effort {
+    /// Least thinking: the cost-aware default for rubric scoring.
+    Low,
+    /// More thinking.
+    Medium,
+    /// The API's default for 5.x models.
+    High,
+    /// Extra high.
+    Xhigh,
+    /// Most thinking.
+    Max,
+}
+
+impl Effort {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Medium => "medium",
+            Self::High => "high",
+            Self::Xhigh => "xhigh",
+            Self::Max => "max",
+        }
+    }
+}
+
+impl std::str::FromStr for Effort {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Low, Self::Medium, Self::High, Self::Xhigh, Self::Max]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+            .ok_or_else(|| format!("unknown effort {s:?}; use low, medium, high, xhigh or max"))
+    }
+}
+
+/// How a request is built, apart from its texts.
+#[derive(Clone, Copy, Debug)]
+pub struct PromptOptions<'a> {
+    /// Model id.
+    pub model: &'a str,
+    /// `max_tokens` (thinking included).
+    pub max_tokens: u32,
+    /// The model's minimum cacheable prefix, in tokens (from the model table).
+    pub min_cacheable_tokens: u32,
+    /// Which block ends the cached part.
+    pub order: BlockOrder,
+    /// Lifetime of the cache entries this request writes.
+    pub ttl: CacheTtl,
+    /// `output_config.effort`; `None` leaves the model's default.
+    pub effort: Option<Effort>,
+}
+
+impl<'a> PromptOptions<'a> {
+    /// The defaults for `model`: its minimum cacheable length from the model table (1024 for
+    /// a model not in it), the cheaper block order, 5-minute entries and low effort.
+    pub fn new(model: &'a str, max_tokens: u32) -> Self {
+        let min_cacheable_tokens = super::ModelTable::builtin()
+            .get(model)
+            .map_or(1024, |m| m.min_cacheable_tokens);
+        Self {
+            model,
+            max_tokens,
+            min_cacheable_tokens,
+            order: BlockOrder::default(),
+            ttl: CacheTtl::default(),
+            effort: Some(Effort::Low),
+        }
+    }
+}
+
+/// A Messages API request body and what the builder knows about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptRequest {
+    /// The JSON body.
+    pub body: Value,
+    /// Input tokens by [`estimate_tokens`] (for rate limiting before the call).
+    pub estimated_input_tokens: u64,
+    /// Blocks carrying a cache breakpoint.
+    pub breakpoints: usize,
+}
+
+/// A rough token count (4 characters a token), used where the exact count does not matter
+/// enough for a `count_tokens` round trip: breakpoint placement and rate-limit estimates.
+pub fn estimate_tokens(text: &str) -> u64 {
+    u64::try_from(text.chars().count())
+        .unwrap_or(u64::MAX)
+        .div_ceil(4)
+}
+
 /// The coaching answer for one dimension.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoachingResult {
@@ -56,43 +199,102 @@ pub struct CoachingResult {
     pub summary: String,
 }
 
-/// Builds the Messages API request body for one dimension analysis.
-pub fn build_request(model: &str, max_tokens: u32, p: &PromptInputs<'_>) -> Value {
-    let system = [
-        format!("<instructions>\n{}\n</instructions>", p.instructions),
-        format!(
-            "<role_rubric role=\"{}\">\n{}\n</role_rubric>",
-            p.role, p.rubric
-        ),
-        format!("<knowledge_base>\n{}\n</knowledge_base>", p.knowledge_base),
-        format!("<transcript>\n{}\n</transcript>", p.transcript),
-    ];
-    let system: Vec<Value> = system.iter().map(|t| cached_text_block(t)).collect();
+/// The JSON schema of [`CoachingResult`] sent as `output_config.format`. Numeric bounds are
+/// stated in the description (structured output does not enforce `minimum`/`maximum`) and
+/// checked by [`parse_coaching`].
+pub fn coaching_schema() -> Value {
+    let list =
+        |what: &str| json!({"type": "array", "items": {"type": "string"}, "description": what});
     json!({
-        "model": model,
-        "max_tokens": max_tokens,
-        "system": system,
-        "messages": [{"role": "user", "content": user_message(p)}],
+        "type": "object",
+        "properties": {
+            "score": {"type": "integer", "description": "0-100"},
+            "strengths": list("two to four, one sentence each"),
+            "improvements": list("two to four, one actionable sentence each"),
+            "examples": list("verbatim transcript quotes with the speaker"),
+            "summary": {"type": "string", "description": "at most three sentences"}
+        },
+        "required": ["score", "strengths", "improvements", "examples", "summary"],
+        "additionalProperties": false
     })
 }
 
-/// A system text block carrying an ephemeral cache breakpoint.
-fn cached_text_block(text: &str) -> Value {
-    json!({"type": "text", "text": text, "cache_control": {"type": "ephemeral"}})
+/// Builds the Messages API request for one dimension analysis.
+pub fn build_request(options: &PromptOptions<'_>, p: &PromptInputs<'_>) -> PromptRequest {
+    let instructions = format!("<instructions>\n{}\n</instructions>", p.instructions);
+    let rubric = format!(
+        "<role_rubric role=\"{}\">\n{}\n</role_rubric>",
+        p.role, p.rubric
+    );
+    let kb = format!("<knowledge_base>\n{}\n</knowledge_base>", p.knowledge_base);
+    let transcript = format!("<transcript>\n{}\n</transcript>", p.transcript);
+    let criteria = format!(
+        "<dimension name=\"{}\">\n{}\n</dimension>",
+        p.dimension, p.dimension_criteria
+    );
+    let (fourth, uncached) = match options.order {
+        BlockOrder::TranscriptCached => (transcript, criteria),
+        BlockOrder::CriteriaCached => (criteria, transcript),
+    };
+    let cached = [instructions, rubric, kb, fourth];
+    let (system, breakpoints) = system_blocks(&cached, options);
+    let task = format!("{uncached}\n\n{}", task_text(p.dimension));
+    let mut output_config = json!({"format": {"type": "json_schema", "schema": coaching_schema()}});
+    if let Some(effort) = options.effort {
+        output_config["effort"] = json!(effort.as_str());
+    }
+    let schema_tokens = estimate_tokens(&output_config.to_string());
+    let estimated_input_tokens = cached.iter().map(|t| estimate_tokens(t)).sum::<u64>()
+        + estimate_tokens(&task)
+        + schema_tokens;
+    let body = json!({
+        "model": options.model,
+        "max_tokens": options.max_tokens,
+        "system": system,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": task}]}],
+        "output_config": output_config,
+    });
+    PromptRequest {
+        body,
+        estimated_input_tokens,
+        breakpoints,
+    }
+}
+
+/// The system blocks, with a breakpoint on each block whose prefix reaches the model's
+/// minimum cacheable length; returns them and the number of breakpoints.
+fn system_blocks(texts: &[String], options: &PromptOptions<'_>) -> (Vec<Value>, usize) {
+    let mut prefix = 0u64;
+    let mut breakpoints = 0;
+    let blocks = texts
+        .iter()
+        .map(|text| {
+            prefix += estimate_tokens(text);
+            let mut block = json!({"type": "text", "text": text});
+            if prefix >= u64::from(options.min_cacheable_tokens) && breakpoints < MAX_BREAKPOINTS {
+                block["cache_control"] = cache_control(options.ttl);
+                breakpoints += 1;
+            }
+            block
+        })
+        .collect();
+    (blocks, breakpoints)
+}
+
+/// A `cache_control` object for `ttl`.
+fn cache_control(ttl: CacheTtl) -> Value {
+    match ttl {
+        CacheTtl::FiveMinutes => json!({"type": "ephemeral"}),
+        CacheTtl::OneHour => json!({"type": "ephemeral", "ttl": "1h"}),
+    }
 }
 
 /// The uncached, dimension-specific task.
-fn user_message(p: &PromptInputs<'_>) -> String {
+fn task_text(dimension: &str) -> String {
     format!(
-        "<dimension name=\"{dim}\">\n{criteria}\n</dimension>\n\n\
-         Analyse the transcript above for the `{dim}` dimension, judging the rep against \
-         the role rubric, the knowledge base and the dimension criteria. Base every point \
-         on what was actually said; quote the transcript in examples.\n\
-         Reply with only a JSON object, no prose and no code fences:\n\
-         {{\"score\": 0-100 integer, \"strengths\": [\"...\"], \"improvements\": [\"...\"], \
-         \"examples\": [\"...\"], \"summary\": \"...\"}}",
-        dim = p.dimension,
-        criteria = p.dimension_criteria,
+        "Analyse the transcript for the `{dimension}` dimension, judging the rep against the \
+         role rubric, the knowledge base and the dimension criteria. Base every point on what \
+         was actually said; quote the transcript in examples."
     )
 }
 
@@ -336,33 +538,162 @@ mod tests {
         }
     }
 
+    fn options(model: &str, min: u32) -> PromptOptions<'_> {
+        PromptOptions {
+            model,
+            max_tokens: 2048,
+            min_cacheable_tokens: min,
+            order: BlockOrder::TranscriptCached,
+            ttl: CacheTtl::FiveMinutes,
+            effort: Some(Effort::Low),
+        }
+    }
+
+    /// Inputs whose blocks have known token estimates (4 characters a token).
+    fn sized<'a>(texts: &'a [String; 5]) -> PromptInputs<'a> {
+        PromptInputs {
+            instructions: &texts[0],
+            role: "AE",
+            rubric: &texts[1],
+            knowledge_base: &texts[2],
+            transcript: &texts[3],
+            dimension: "discovery",
+            dimension_criteria: &texts[4],
+        }
+    }
+
+    fn texts(tokens: [usize; 5]) -> [String; 5] {
+        let letters = ['i', 'r', 'k', 't', 'c'];
+        std::array::from_fn(|n| letters[n].to_string().repeat(tokens[n] * 4))
+    }
+
     #[test]
-    fn request_layout_has_four_cached_system_blocks() {
-        let body = build_request(
-            "claude-haiku-5-5",
-            1024,
-            &inputs("Rep: Hi?", "discovery", "KB"),
-        );
-        assert_eq!(body["model"], "claude-haiku-5-5");
-        assert_eq!(body["max_tokens"], 1024);
-        let system = body["system"].as_array().expect("system array");
-        assert_eq!(system.len(), 4);
+    fn the_request_is_exactly_the_cheapest_layout() {
+        let t = texts([2000, 3000, 5000, 8000, 1000]);
+        let request = build_request(&options("claude-sonnet-5-5", 1024), &sized(&t));
+        let bp = json!({"type": "ephemeral"});
+        let expected = json!({
+            "model": "claude-sonnet-5-5",
+            "max_tokens": 2048,
+            "system": [
+                {"type": "text", "text": format!("<instructions>\n{}\n</instructions>", t[0]), "cache_control": bp},
+                {"type": "text", "text": format!("<role_rubric role=\"AE\">\n{}\n</role_rubric>", t[1]), "cache_control": bp},
+                {"type": "text", "text": format!("<knowledge_base>\n{}\n</knowledge_base>", t[2]), "cache_control": bp},
+                {"type": "text", "text": format!("<transcript>\n{}\n</transcript>", t[3]), "cache_control": bp},
+            ],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": format!(
+                "<dimension name=\"discovery\">\n{}\n</dimension>\n\n{}", t[4], task_text("discovery"))}]}],
+            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": coaching_schema()}},
+        });
+        assert_eq!(request.body, expected);
+        assert_eq!(request.breakpoints, 4);
+        for sampling in ["temperature", "top_p", "top_k", "thinking"] {
+            assert!(request.body.get(sampling).is_none(), "{sampling} sent");
+        }
+        let expected_tokens = 19_000..19_400;
         assert!(
-            system
-                .iter()
-                .all(|b| b["cache_control"]["type"] == "ephemeral")
+            expected_tokens.contains(&request.estimated_input_tokens),
+            "{}",
+            request.estimated_input_tokens
         );
+    }
+
+    #[test]
+    fn the_spec_order_caches_the_criteria_and_sends_the_transcript_uncached() {
+        let t = texts([2000, 3000, 5000, 8000, 1000]);
+        let mut o = options("claude-sonnet-5-5", 1024);
+        o.order = BlockOrder::CriteriaCached;
+        let body = build_request(&o, &sized(&t)).body;
+        let system = body["system"].as_array().unwrap();
         assert!(
             system[3]["text"]
                 .as_str()
-                .is_some_and(|t| t.contains("Rep: Hi?"))
+                .unwrap()
+                .starts_with("<dimension name=\"discovery\">")
         );
-        let messages = body["messages"].as_array().expect("messages");
-        assert_eq!(messages.len(), 1);
-        assert_eq!(messages[0]["role"], "user");
-        let task = messages[0]["content"].as_str().expect("string content");
-        assert!(task.contains("for the `discovery` dimension"));
-        assert!(task.contains("\"score\""));
+        assert_eq!(system[3]["cache_control"], json!({"type": "ephemeral"}));
+        let task = body["messages"][0]["content"][0]["text"].as_str().unwrap();
+        assert!(
+            task.starts_with("<transcript>\n") && task.contains(&t[3]),
+            "{task:.40}"
+        );
+    }
+
+    #[test]
+    fn breakpoints_only_where_the_prefix_reaches_the_minimum() {
+        // Prefix estimates: 300, 800, 1300, 1500 tokens.
+        let t = texts([300, 500, 500, 200, 50]);
+        let marked = |min: u32| {
+            let r = build_request(&options("m", min), &sized(&t));
+            let marks: Vec<bool> = r.body["system"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.get("cache_control").is_some())
+                .collect();
+            assert_eq!(r.breakpoints, marks.iter().filter(|m| **m).count());
+            marks
+        };
+        assert_eq!(marked(1024), [false, false, true, true]);
+        assert_eq!(marked(4096), [false, false, false, false]);
+        assert_eq!(marked(1), [true, true, true, true]);
+    }
+
+    #[test]
+    fn one_hour_ttl_and_default_effort_are_options() {
+        let t = texts([2000, 10, 10, 10, 10]);
+        let mut o = options("claude-opus-5-5", 1024);
+        o.ttl = CacheTtl::OneHour;
+        o.effort = None;
+        let body = build_request(&o, &sized(&t)).body;
+        assert_eq!(
+            body["system"][0]["cache_control"],
+            json!({"type": "ephemeral", "ttl": "1h"})
+        );
+        assert_eq!(body["output_config"].get("effort"), None);
+        assert_eq!(body["output_config"]["format"]["type"], "json_schema");
+    }
+
+    #[test]
+    fn effort_and_order_parse_from_configuration() {
+        assert_eq!("xhigh".parse::<Effort>(), Ok(Effort::Xhigh));
+        assert!(
+            "extreme"
+                .parse::<Effort>()
+                .unwrap_err()
+                .contains("low, medium")
+        );
+        assert_eq!(
+            "criteria_cached".parse::<BlockOrder>(),
+            Ok(BlockOrder::CriteriaCached)
+        );
+        assert!("random".parse::<BlockOrder>().is_err());
+    }
+
+    #[test]
+    fn the_schema_requires_every_field_of_the_result() {
+        let schema = coaching_schema();
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let example = serde_json::to_value(parse_coaching(VALID).unwrap()).unwrap();
+        let fields: Vec<&str> = example
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            required
+                .iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>(),
+            fields.into_iter().collect()
+        );
+        assert_eq!(schema["additionalProperties"], false);
     }
 
     async fn start() -> EmulatorHandle {
@@ -390,7 +721,11 @@ mod tests {
         let emu = start().await;
         let client = LlmClient::new(emu.base_url(), "k", Duration::from_secs(10)).expect("client");
         let ask = |t: &'static str| {
-            let body = build_request("claude-sonnet-5-5", 1024, &inputs(t, "discovery", "KB"));
+            let body = build_request(
+                &options("claude-sonnet-5-5", 1024),
+                &inputs(t, "discovery", "KB"),
+            )
+            .body;
             let client = client.clone();
             async move {
                 let response = client.messages(&body).await.expect("response");
@@ -418,10 +753,10 @@ mod tests {
         let client = LlmClient::new(emu.base_url(), "k", Duration::from_secs(10)).expect("client");
         let kb = "Callcoach integrates with every major CRM. ".repeat(120);
         let body = build_request(
-            "claude-sonnet-5-5",
-            1024,
+            &options("claude-sonnet-5-5", 1024),
             &inputs(TRANSCRIPT_A, "engagement", &kb),
-        );
+        )
+        .body;
         let first = client.messages(&body).await.expect("first").usage;
         let second = client.messages(&body).await.expect("second").usage;
         assert!(first.cache_creation_input_tokens >= 1024, "{first:?}");
@@ -436,10 +771,10 @@ mod tests {
 
         // Another dimension of the same call reuses the whole system prefix.
         let body = build_request(
-            "claude-sonnet-5-5",
-            1024,
+            &options("claude-sonnet-5-5", 1024),
             &inputs(TRANSCRIPT_A, "discovery", &kb),
-        );
+        )
+        .body;
         let third = client.messages(&body).await.expect("third").usage;
         assert_eq!(
             third.cache_read_input_tokens,
@@ -454,10 +789,10 @@ mod tests {
         let client = LlmClient::new(emu.base_url(), "k", Duration::from_secs(10)).expect("client");
         let transcript = format!("{TRANSCRIPT_A}\n[[emulator:malformed]]");
         let body = build_request(
-            "claude-sonnet-5-5",
-            1024,
+            &options("claude-sonnet-5-5", 1024),
             &inputs(&transcript, "discovery", "KB"),
-        );
+        )
+        .body;
         let response = client.messages(&body).await.expect("HTTP success");
         let err = parse_coaching(&response.text).expect_err("malformed");
         assert!(matches!(err, LlmError::BadOutput(_)), "{err:?}");

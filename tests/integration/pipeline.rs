@@ -208,3 +208,67 @@ async fn a_model_the_api_does_not_know_fails_the_job_at_once_with_its_message() 
         "the API's message: {error}"
     );
 }
+
+#[tokio::test]
+async fn each_run_stores_its_usage_cost_and_counterfactuals() {
+    let app = spawn_app().await;
+    let call_id = app.ingest(&sample_call("costed")).await;
+    let dims = [Dimension::Discovery, Dimension::Engagement];
+    app.perform(&app.app, call_id, &dims).await;
+    app.perform(&app.app, call_id, &dims[..1]).await;
+    type Row = (
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        Option<String>,
+        f64,
+        f64,
+        f64,
+        f64,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT source, input_tokens, cache_write_5m_tokens, cache_write_1h_tokens,
+                cache_read_tokens, output_tokens, service_tier, cost_usd,
+                cost_without_prompt_cache_usd, cost_without_session_cache_usd,
+                cost_without_caching_usd
+         FROM analysis_runs WHERE call_id = $1 ORDER BY created_at, id",
+    )
+    .bind(call_id)
+    .fetch_all(&app.app.pg)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 3);
+    // Sonnet 5.5 per MTok: $2 input, $2.50 5-minute write, $4 1-hour write, $0.20 read, $10 out.
+    let mtok = |n: i64, price: f64| n as f64 * price / 1e6;
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+    for (source, input, w5, w1, read, output, tier, usd, no_prompt, no_session, none) in &rows[..2]
+    {
+        assert_eq!(source, "llm");
+        assert_eq!(tier.as_deref(), Some("standard"));
+        let paid = mtok(*input, 2.0)
+            + mtok(*w5, 2.5)
+            + mtok(*w1, 4.0)
+            + mtok(*read, 0.2)
+            + mtok(*output, 10.0);
+        assert!(*usd > 0.0 && close(*usd, paid), "{usd} vs {paid}");
+        let uncached = mtok(input + w5 + w1 + read, 2.0) + mtok(*output, 10.0);
+        assert!(close(*no_prompt, uncached) && close(*none, uncached));
+        assert!(close(*no_session, *usd));
+    }
+    let first = &rows[0];
+    let hit = &rows[2];
+    assert_eq!(hit.0, "redis");
+    assert_eq!(
+        (hit.6.as_deref(), hit.7, hit.8),
+        (None, 0.0, 0.0),
+        "a hit pays nothing"
+    );
+    assert!(
+        close(hit.9, first.7),
+        "without the session cache it would pay the origin's cost"
+    );
+    assert!(close(hit.10, first.8));
+}
