@@ -17,6 +17,7 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
 use super::client::LlmError;
 
@@ -172,8 +173,9 @@ pub struct PromptRequest {
     pub body: Value,
     /// Input tokens by [`estimate_tokens`] (for rate limiting before the call).
     pub estimated_input_tokens: u64,
-    /// Blocks carrying a cache breakpoint.
-    pub breakpoints: usize,
+    /// One id per cache breakpoint, shortest prefix first: a hash of the model and every
+    /// block up to the breakpoint, so requests sharing a cached prefix share its id.
+    pub prefixes: Vec<String>,
 }
 
 /// A rough token count (4 characters a token), used where the exact count does not matter
@@ -237,7 +239,7 @@ pub fn build_request(options: &PromptOptions<'_>, p: &PromptInputs<'_>) -> Promp
         BlockOrder::CriteriaCached => (criteria, transcript),
     };
     let cached = [instructions, rubric, kb, fourth];
-    let (system, breakpoints) = system_blocks(&cached, options);
+    let (system, prefixes) = system_blocks(&cached, options);
     let task = format!("{uncached}\n\n{}", task_text(p.dimension));
     let mut output_config = json!({"format": {"type": "json_schema", "schema": coaching_schema()}});
     if let Some(effort) = options.effort {
@@ -257,28 +259,33 @@ pub fn build_request(options: &PromptOptions<'_>, p: &PromptInputs<'_>) -> Promp
     PromptRequest {
         body,
         estimated_input_tokens,
-        breakpoints,
+        prefixes,
     }
 }
 
 /// The system blocks, with a breakpoint on each block whose prefix reaches the model's
-/// minimum cacheable length; returns them and the number of breakpoints.
-fn system_blocks(texts: &[String], options: &PromptOptions<'_>) -> (Vec<Value>, usize) {
-    let mut prefix = 0u64;
-    let mut breakpoints = 0;
+/// minimum cacheable length; returns them and the prefix id of each breakpoint.
+fn system_blocks(texts: &[String], options: &PromptOptions<'_>) -> (Vec<Value>, Vec<String>) {
+    let mut tokens = 0u64;
+    let mut hasher = Sha256::new();
+    hasher.update(options.model.as_bytes());
+    let mut prefixes = Vec::new();
     let blocks = texts
         .iter()
         .map(|text| {
-            prefix += estimate_tokens(text);
+            tokens += estimate_tokens(text);
+            hasher.update((text.len() as u64).to_le_bytes());
+            hasher.update(text.as_bytes());
             let mut block = json!({"type": "text", "text": text});
-            if prefix >= u64::from(options.min_cacheable_tokens) && breakpoints < MAX_BREAKPOINTS {
+            if tokens >= u64::from(options.min_cacheable_tokens) && prefixes.len() < MAX_BREAKPOINTS
+            {
                 block["cache_control"] = cache_control(options.ttl);
-                breakpoints += 1;
+                prefixes.push(hex::encode(&hasher.clone().finalize()[..16]));
             }
             block
         })
         .collect();
-    (blocks, breakpoints)
+    (blocks, prefixes)
 }
 
 /// A `cache_control` object for `ttl`.
@@ -586,7 +593,21 @@ mod tests {
             "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": coaching_schema()}},
         });
         assert_eq!(request.body, expected);
-        assert_eq!(request.breakpoints, 4);
+        assert_eq!(request.prefixes.len(), 4);
+        // Another dimension of the same call shares every cached prefix; another call only
+        // the ones before its transcript.
+        let mut other_dimension = sized(&t);
+        other_dimension.dimension = "engagement";
+        let same_call = build_request(&options("claude-sonnet-5-5", 1024), &other_dimension);
+        assert_eq!(same_call.prefixes, request.prefixes);
+        let other_text = "u".repeat(32_000);
+        let mut other_call = sized(&t);
+        other_call.transcript = &other_text;
+        let other_call = build_request(&options("claude-sonnet-5-5", 1024), &other_call);
+        assert_eq!(other_call.prefixes[..3], request.prefixes[..3]);
+        assert_ne!(other_call.prefixes[3], request.prefixes[3]);
+        let other_model = build_request(&options("claude-opus-5-5", 1024), &sized(&t));
+        assert_ne!(other_model.prefixes[0], request.prefixes[0]);
         for sampling in ["temperature", "top_p", "top_k", "thinking"] {
             assert!(request.body.get(sampling).is_none(), "{sampling} sent");
         }
@@ -631,7 +652,7 @@ mod tests {
                 .iter()
                 .map(|b| b.get("cache_control").is_some())
                 .collect();
-            assert_eq!(r.breakpoints, marks.iter().filter(|m| **m).count());
+            assert_eq!(r.prefixes.len(), marks.iter().filter(|m| **m).count());
             marks
         };
         assert_eq!(marked(1024), [false, false, true, true]);
