@@ -1,8 +1,32 @@
 //! Tests for the emulator: validation, error shapes, auth, cache accounting,
 //! fault injection and counters.
 
+use super::cache::TokenUsage;
+use super::reply::{coaching_text, find_dimension, find_transcript, malformed_text};
+use super::request::{ApiVersion, Endpoint};
 use super::*;
 use crate::llm::{LlmClient, LlmError, PromptInputs, build_request, parse_coaching};
+use axum::http::StatusCode;
+
+/// Accounts `req` at `now` and commits its writes at once.
+fn account(state: &EmulatorState, req: &ParsedRequest, now: Instant) -> TokenUsage {
+    let accounting = state
+        .inner
+        .cache
+        .account(req, state.min_cacheable(req), now);
+    state.inner.cache.commit(&accounting.writes, now);
+    accounting.usage
+}
+
+/// Usage with 5-minute writes only.
+fn usage(input: u64, creation: u64, read: u64) -> TokenUsage {
+    TokenUsage {
+        input,
+        creation_5m: creation,
+        creation_1h: 0,
+        cache_read: read,
+    }
+}
 
 async fn start(config: EmulatorConfig) -> EmulatorHandle {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -421,7 +445,7 @@ fn long_request(ttl: Option<&str>, tail: &str) -> ParsedRequest {
         ],
         "messages": [{"role": "user", "content": tail}],
     });
-    parse_request(&request, true).expect("valid")
+    parse_request(&request, ApiVersion::Legacy, Endpoint::Create).expect("valid")
 }
 
 #[test]
@@ -429,24 +453,16 @@ fn cache_creation_then_read_then_expiry() {
     let (_, state) = router(EmulatorConfig::default());
     let t0 = Instant::now();
     let req = long_request(None, "tail text");
-    let usage = |now| state.account(&req, now);
+    let at = |now| account(&state, &req, now);
     // Prefix 1: 500 tokens (< 1024, not cacheable); prefix 2: 1500 tokens.
-    let cold = TokenUsage {
-        input: 3,
-        cache_creation: 1_500,
-        cache_read: 0,
-    };
-    assert_eq!(usage(t0), cold);
-    let warm = TokenUsage {
-        input: 3,
-        cache_creation: 0,
-        cache_read: 1_500,
-    };
-    assert_eq!(usage(t0 + Duration::from_secs(60)), warm);
+    let cold = usage(3, 1_500, 0);
+    assert_eq!(at(t0), cold);
+    let warm = usage(3, 0, 1_500);
+    assert_eq!(at(t0 + Duration::from_secs(60)), warm);
     // The read refreshed the entry: still warm 4 minutes after it.
-    assert_eq!(usage(t0 + Duration::from_secs(300)), warm);
+    assert_eq!(at(t0 + Duration::from_secs(300)), warm);
     // Expired after 5 minutes without use.
-    assert_eq!(usage(t0 + Duration::from_secs(300 + 301)), cold);
+    assert_eq!(at(t0 + Duration::from_secs(300 + 301)), cold);
 }
 
 #[test]
@@ -454,41 +470,27 @@ fn one_hour_ttl_outlives_five_minutes() {
     let (_, state) = router(EmulatorConfig::default());
     let t0 = Instant::now();
     let req = long_request(Some("1h"), "x");
-    assert_eq!(state.account(&req, t0).cache_creation, 1_500);
-    let later = state.account(&req, t0 + Duration::from_secs(30 * 60));
+    assert_eq!(account(&state, &req, t0).creation_1h, 1_500);
+    let later = account(&state, &req, t0 + Duration::from_secs(30 * 60));
     assert_eq!(later.cache_read, 1_500);
 }
 
 #[test]
 fn partial_prefix_hit_writes_the_rest() {
     let config = EmulatorConfig {
-        min_cacheable_tokens: 100,
+        min_cacheable_tokens: Some(100),
         ..EmulatorConfig::default()
     };
     let (_, state) = router(config);
     let now = Instant::now();
     let first = long_request(None, "x");
-    assert_eq!(
-        state.account(&first, now),
-        TokenUsage {
-            input: 1,
-            cache_creation: 1_500,
-            cache_read: 0
-        }
-    );
+    assert_eq!(account(&state, &first, now), usage(1, 1_500, 0));
     // Same first block, different second block: read 500, write 1000.
     let mut second = long_request(None, "x");
     if let Some(block) = second.blocks.get_mut(1) {
         block.content = "c".repeat(4_000);
     }
-    assert_eq!(
-        state.account(&second, now),
-        TokenUsage {
-            input: 1,
-            cache_creation: 1_000,
-            cache_read: 500
-        }
-    );
+    assert_eq!(account(&state, &second, now), usage(1, 1_000, 500));
 }
 
 #[test]
@@ -496,9 +498,9 @@ fn different_model_does_not_share_cache() {
     let (_, state) = router(EmulatorConfig::default());
     let now = Instant::now();
     let mut req = long_request(None, "x");
-    assert_eq!(state.account(&req, now).cache_creation, 1_500);
+    assert_eq!(account(&state, &req, now).creation_5m, 1_500);
     req.model = "other".into();
-    assert_eq!(state.account(&req, now).cache_read, 0);
+    assert_eq!(account(&state, &req, now).cache_read, 0);
 }
 
 #[test]
@@ -511,10 +513,13 @@ fn injected_queue_and_invalid_statuses() {
     assert_eq!(state.take_fault(), Some(200));
     assert_eq!(state.take_fault(), None);
     assert_eq!(
-        ApiError::for_status(200).status,
+        ApiError::for_status(200, DEFAULT_RETRY_AFTER).status,
         StatusCode::INTERNAL_SERVER_ERROR
     );
-    assert_eq!(ApiError::for_status(529).kind, "overloaded_error");
+    assert_eq!(
+        ApiError::for_status(529, DEFAULT_RETRY_AFTER).kind,
+        "overloaded_error"
+    );
 }
 
 #[test]
@@ -546,7 +551,8 @@ fn transcript_and_dimension_detection() {
             ],
             "messages": [{"role": "user", "content": "x"}]
         }),
-        true,
+        ApiVersion::Legacy,
+        Endpoint::Create,
     )
     .expect("valid");
     assert_eq!(find_transcript(&req).trim(), "Rep: hi?");
