@@ -63,9 +63,12 @@ pub(super) enum ApiVersion {
 }
 
 impl ApiVersion {
-    /// Parses a header value: a well-formed `YYYY-MM-DD` date.
+    /// Parses a header value: a well-formed, zero-padded `YYYY-MM-DD` date.
     pub(super) fn parse(value: &str) -> Option<Self> {
-        let date = NaiveDate::parse_from_str(value.trim(), "%Y-%m-%d").ok()?;
+        let value = value.trim();
+        let date = NaiveDate::parse_from_str(value, "%Y-%m-%d")
+            .ok()
+            .filter(|d| d.format("%Y-%m-%d").to_string() == value)?;
         let current_from = NaiveDate::from_ymd_opt(2026, 10, 21)?;
         Some(if date >= current_from {
             Self::Current
