@@ -4,18 +4,18 @@
 //! It behaves like the real API as of `anthropic-version` 2023-06-01 and
 //! 2026-10-21 (see `/work/shared/notes/anthropic-api.md`):
 //!
-//! - [`request`]: authentication (`x-api-key` or `Authorization: Bearer`),
+//! - `request`: authentication (`x-api-key` or `Authorization: Bearer`),
 //!   the version header and body validation with the real error messages
 //!   (sampling parameters per version, `thinking`, `output_config`, the
 //!   four-breakpoint `cache_control` limit, models not served → 404).
-//! - [`cache`]: prompt-cache accounting per breakpoint prefix with 5 minute /
+//! - `cache`: prompt-cache accounting per breakpoint prefix with 5 minute /
 //!   1 hour TTLs, per-model minimum lengths and in-flight writers.
-//! - [`reply`] / [`schema`]: a deterministic coaching JSON, or a value
+//! - `reply` / `schema`: a deterministic coaching JSON, or a value
 //!   conforming to the requested JSON schema; thinking tokens by effort.
-//! - [`limits`]: `anthropic-ratelimit-*` headers and optional enforced
+//! - `limits`: `anthropic-ratelimit-*` headers and optional enforced
 //!   per-minute limits (429 with `retry-after` / `retry-after-ms`).
-//! - [`batches`]: the Message Batches API.
-//! - [`errors`]: error bodies `{"type":"error","error":{…},"request_id":…}`.
+//! - `batches`: the Message Batches API.
+//! - `errors`: error bodies `{"type":"error","error":{…},"request_id":…}`.
 //!
 //! Faults can be injected randomly (`fail_rate`, `malformed_rate`) or exactly
 //! ([`EmulatorHandle::inject_failures`]), and latency can be added. A

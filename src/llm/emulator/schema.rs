@@ -246,7 +246,7 @@ fn gen_value(schema: &Value, seed: &str, path: &str, depth: usize) -> Value {
         Some("array") => gen_array(schema, seed, path, depth),
         Some("integer") => json!(gen_integer(schema, seed, path)),
         Some("number") => json!(gen_number(schema, seed, path)),
-        Some("boolean") => Value::Bool(pick(seed, path) % 2 == 0),
+        Some("boolean") => Value::Bool(pick(seed, path).is_multiple_of(2)),
         Some("null") => Value::Null,
         Some("string") => Value::String(gen_string(schema, seed, path)),
         _ if schema.contains_key("properties") => gen_object(schema, seed, path, depth),
