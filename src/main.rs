@@ -133,14 +133,54 @@ enum ApikeyCommand {
 #[derive(clap::Args)]
 struct EmulatorArgs {
     /// Port to listen on (127.0.0.1).
-    #[arg(long, default_value_t = 4010)]
+    #[arg(long, env = "CALLCOACH_EMULATOR_PORT", default_value_t = 4010)]
     port: u16,
     /// Delay before each answer, in milliseconds.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "CALLCOACH_EMULATOR_LATENCY_MS", default_value_t = 0)]
     latency_ms: u64,
-    /// Fraction of requests answered with 429/529/500 (0.0-1.0).
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of requests answered with a fault from --fail-statuses (0.0-1.0).
+    #[arg(long, env = "CALLCOACH_EMULATOR_FAIL_RATE", default_value_t = 0.0)]
     fail_rate: f64,
+    /// Statuses random faults draw from, comma-separated (429 carries retry-after, 529 is
+    /// overloaded_error, 500 api_error).
+    #[arg(
+        long,
+        env = "CALLCOACH_EMULATOR_FAIL_STATUSES",
+        value_delimiter = ',',
+        default_value = "429,529,500"
+    )]
+    fail_statuses: Vec<u16>,
+    /// Wait asked for by emulated 429s (retry-after / retry-after-ms), in milliseconds.
+    #[arg(
+        long,
+        env = "CALLCOACH_EMULATOR_RETRY_AFTER_MS",
+        default_value_t = 1000
+    )]
+    retry_after_ms: u64,
+    /// Fraction of successful answers whose text is not valid JSON (0.0-1.0).
+    #[arg(long, env = "CALLCOACH_EMULATOR_MALFORMED_RATE", default_value_t = 0.0)]
+    malformed_rate: f64,
+    /// API key to require (x-api-key or Authorization: Bearer); any non-empty key if unset.
+    #[arg(long, env = "CALLCOACH_EMULATOR_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Override every model's minimum cacheable prefix, in tokens.
+    #[arg(long, env = "CALLCOACH_EMULATOR_MIN_CACHEABLE_TOKENS")]
+    min_cacheable_tokens: Option<u64>,
+    /// Enforced requests per minute.
+    #[arg(long, env = "CALLCOACH_EMULATOR_RPM")]
+    requests_per_minute: Option<u64>,
+    /// Enforced input tokens per minute (uncached input + cache writes).
+    #[arg(long, env = "CALLCOACH_EMULATOR_ITPM")]
+    input_tokens_per_minute: Option<u64>,
+    /// Enforced output tokens per minute.
+    #[arg(long, env = "CALLCOACH_EMULATOR_OTPM")]
+    output_tokens_per_minute: Option<u64>,
+    /// Delay before a message batch is processed, in milliseconds.
+    #[arg(long, env = "CALLCOACH_EMULATOR_BATCH_DELAY_MS", default_value_t = 200)]
+    batch_delay_ms: u64,
+    /// Make every message batch expire instead of processing it.
+    #[arg(long, env = "CALLCOACH_EMULATOR_BATCH_EXPIRE")]
+    batch_expire: bool,
 }
 
 #[tokio::main]
@@ -337,7 +377,18 @@ async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
     let config = llm::emulator::EmulatorConfig {
         latency: Duration::from_millis(args.latency_ms),
         fail_rate: args.fail_rate,
-        ..Default::default()
+        fail_statuses: args.fail_statuses,
+        retry_after: Duration::from_millis(args.retry_after_ms),
+        malformed_rate: args.malformed_rate,
+        api_key: args.api_key,
+        min_cacheable_tokens: args.min_cacheable_tokens,
+        rate_limits: llm::emulator::RateLimits {
+            requests_per_minute: args.requests_per_minute,
+            input_tokens_per_minute: args.input_tokens_per_minute,
+            output_tokens_per_minute: args.output_tokens_per_minute,
+        },
+        batch_delay: Duration::from_millis(args.batch_delay_ms),
+        batch_expire: args.batch_expire,
     };
     config.validate()?;
     let listener = bind(&format!("127.0.0.1:{}", args.port)).await?;
