@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod emulator;
+pub mod limits;
 pub mod models;
 pub mod prompt;
 

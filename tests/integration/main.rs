@@ -10,3 +10,4 @@ mod ledger;
 mod pipeline;
 mod proxy;
 mod queue;
+mod rate_limit;
