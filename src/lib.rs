@@ -11,7 +11,8 @@
 //! - [`jobs`]: the job registry and kinds; `analyze_call` goes through the [`cache`] tiers
 //!   before the [`llm`].
 //! - [`db`]: schema (`sql/migrations`), seed data and queries; [`config`]: typed settings;
-//!   [`telemetry`]: tracing and the metric names.
+//!   [`telemetry`]: tracing and the metric names; [`rate_limit`]: fleet-wide token buckets and
+//!   budget counters in Redis.
 //!
 //! [`App::build`] wires it all from [`config::Settings`]; `main` and the tests share it.
 
@@ -27,6 +28,7 @@ pub mod ledger;
 pub mod llm;
 pub mod model;
 pub mod queue;
+pub mod rate_limit;
 pub mod supervise;
 pub mod telemetry;
 pub mod worker;

@@ -49,6 +49,16 @@ pub mod names {
     pub const ANALYSIS_RUNS: &str = "analysis_runs_total";
     /// HTTP requests, labelled `status`.
     pub const HTTP_REQUESTS: &str = "callcoach_http_requests_total";
+    /// Rate-limiter calls answered by the fail mode because Redis was unreachable, labelled
+    /// `mode` (open/local).
+    pub const RATE_LIMIT_FALLBACKS: &str = "callcoach_rate_limit_fallbacks_total";
+    /// LLM calls given up on by the fleet limiter (the wait exceeded the maximum), labelled
+    /// `bucket` (requests/input_tokens/output_tokens).
+    pub const LLM_THROTTLED: &str = "callcoach_llm_throttled_total";
+    /// LLM spend in USD in the current window, labelled `window` (day/month).
+    pub const LLM_SPEND_USD: &str = "callcoach_llm_spend_usd";
+    /// LLM budget in USD per window, labelled `window` (day/month); 0 = no budget.
+    pub const LLM_BUDGET_USD: &str = "callcoach_llm_budget_usd";
 }
 
 /// Installs the global tracing subscriber once; later calls are no-ops.

@@ -12,6 +12,7 @@
 pub mod client;
 pub mod cost;
 pub mod emulator;
+pub mod limits;
 pub mod models;
 pub mod prompt;
 

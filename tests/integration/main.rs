@@ -10,4 +10,5 @@ mod ledger;
 mod pipeline;
 mod proxy;
 mod queue;
+mod rate_limit;
 mod sdk;

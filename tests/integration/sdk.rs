@@ -4,7 +4,8 @@
 //!
 //! The Python comes from `CALLCOACH_SDK_PYTHON` (exported by `deploy/dev.sh test`, which
 //! creates `.dev/sdk-venv`); when that variable is set the SDK must be usable or the test
-//! fails. Without it the default venv is tried and, if absent, the test is skipped with a note.
+//! fails. Without it the default venv is used; no SDK at all fails the test (it is never
+//! skipped).
 
 use std::{
     path::{Path, PathBuf},
@@ -28,8 +29,8 @@ async fn has_sdk(python: &Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The Python to use, or `None` to skip (only when not required by `deploy/dev.sh`).
-async fn sdk_python() -> Option<PathBuf> {
+/// The Python to use: `CALLCOACH_SDK_PYTHON`, else the dev venv.
+async fn sdk_python() -> PathBuf {
     if let Ok(required) = std::env::var("CALLCOACH_SDK_PYTHON") {
         let python = PathBuf::from(required);
         assert!(
@@ -37,21 +38,19 @@ async fn sdk_python() -> Option<PathBuf> {
             "CALLCOACH_SDK_PYTHON={} cannot import the anthropic SDK",
             python.display()
         );
-        return Some(python);
+        return python;
     }
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".dev/sdk-venv/bin/python");
-    if has_sdk(&venv).await {
-        return Some(venv);
-    }
-    eprintln!("skipping: no anthropic SDK (run `deploy/dev.sh test` to create .dev/sdk-venv)");
-    None
+    assert!(
+        has_sdk(&venv).await,
+        "no anthropic SDK: run the suite with `deploy/dev.sh test`, which creates .dev/sdk-venv"
+    );
+    venv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_python_sdk_works_against_the_emulator() {
-    let Some(python) = sdk_python().await else {
-        return;
-    };
+    let python = sdk_python().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let config = EmulatorConfig {
         api_key: Some(KEY.into()),
