@@ -3,7 +3,10 @@
 //! Every variable has one parser; a bad value stops start-up with a [`ConfigError`] naming the
 //! variable. Secrets are wrapped in [`Secret`], whose `Debug`/`Display` never show the value.
 
-use crate::llm::prompt::{BlockOrder, CacheTtl, Effort, PromptOptions};
+use crate::llm::{
+    limits::{FleetLimits, SpendBudgets},
+    prompt::{BlockOrder, CacheTtl, Effort, PromptOptions},
+};
 use std::{collections::HashMap, fmt, time::Duration};
 
 /// A value that must never be printed (passwords, API keys, URLs carrying credentials).
@@ -105,6 +108,21 @@ pub struct Settings {
     /// Longest wait for a Postgres connection (`DATABASE_ACQUIRE_TIMEOUT_MS`, default 2000):
     /// with Postgres down, requests answer 503 after this.
     pub database_acquire_timeout: Duration,
+    /// The fleet's LLM rate limits per minute (`LLM_REQUESTS_PER_MIN`,
+    /// `LLM_INPUT_TOKENS_PER_MIN`, `LLM_OUTPUT_TOKENS_PER_MIN`; 0, the default, = unlimited).
+    pub llm_limits: FleetLimits,
+    /// Worker processes sharing the LLM limits (`LLM_FLEET_PROCESSES`, default 1): each keeps
+    /// to its share of them while Redis is unreachable.
+    pub llm_fleet_processes: u32,
+    /// Longest an LLM request waits for rate-limit room before its job snoozes
+    /// (`LLM_LIMIT_MAX_WAIT_SECS`, default 30).
+    pub llm_limit_max_wait: Duration,
+    /// The fleet's LLM budgets (`LLM_DAILY_BUDGET_USD`, `LLM_MONTHLY_BUDGET_USD`; 0, the
+    /// default, = none).
+    pub llm_budgets: SpendBudgets,
+    /// Longest an LLM request waits for another one writing the cached prefix it needs
+    /// (`LLM_FAN_OUT_WAIT_SECS`, default 30).
+    pub llm_fan_out_wait: Duration,
     /// Attempts before a job is dead-lettered (`JOB_MAX_ATTEMPTS`, default 5).
     pub job_max_attempts: i32,
     /// Idle poll interval of workers (`WORKER_POLL_MS`, default 50).
@@ -191,6 +209,18 @@ impl Settings {
                 "DATABASE_ACQUIRE_TIMEOUT_MS",
                 2000,
             )?),
+            llm_limits: FleetLimits {
+                requests_per_min: parse(get, "LLM_REQUESTS_PER_MIN", 0)?,
+                input_tokens_per_min: parse(get, "LLM_INPUT_TOKENS_PER_MIN", 0)?,
+                output_tokens_per_min: parse(get, "LLM_OUTPUT_TOKENS_PER_MIN", 0)?,
+            },
+            llm_fleet_processes: positive(get, "LLM_FLEET_PROCESSES", 1)?,
+            llm_limit_max_wait: Duration::from_secs(parse(get, "LLM_LIMIT_MAX_WAIT_SECS", 30)?),
+            llm_budgets: SpendBudgets {
+                daily_usd: usd(get, "LLM_DAILY_BUDGET_USD")?,
+                monthly_usd: usd(get, "LLM_MONTHLY_BUDGET_USD")?,
+            },
+            llm_fan_out_wait: Duration::from_secs(parse(get, "LLM_FAN_OUT_WAIT_SECS", 30)?),
         };
         Ok(settings)
     }
@@ -245,6 +275,15 @@ where
     let value = parse(get, var, default)?;
     if value <= T::default() {
         return Err(bad(var, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+/// A USD amount, 0 when unset.
+fn usd(get: &Env<'_>, var: &'static str) -> Result<f64, ConfigError> {
+    let value: f64 = parse(get, var, 0.0)?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(bad(var, "must be a non-negative amount of USD"));
     }
     Ok(value)
 }
@@ -311,6 +350,31 @@ mod tests {
             .collect();
         map.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         map
+    }
+
+    #[test]
+    fn llm_limits_and_budgets_are_configurable() {
+        let s = Settings::from_map(&env(&[])).unwrap();
+        assert_eq!(s.llm_limits, FleetLimits::default());
+        assert_eq!(s.llm_budgets, SpendBudgets::default());
+        let s = Settings::from_map(&env(&[
+            ("LLM_REQUESTS_PER_MIN", "50"),
+            ("LLM_INPUT_TOKENS_PER_MIN", "30000"),
+            ("LLM_DAILY_BUDGET_USD", "12.5"),
+        ]))
+        .unwrap();
+        assert_eq!(s.llm_limits.requests_per_min, 50);
+        assert_eq!(s.llm_limits.input_tokens_per_min, 30_000);
+        assert_eq!(s.llm_budgets.daily_usd, 12.5);
+        for (var, value) in [
+            ("LLM_DAILY_BUDGET_USD", "-1"),
+            ("LLM_MONTHLY_BUDGET_USD", "lots"),
+            ("LLM_REQUESTS_PER_MIN", "-5"),
+            ("LLM_FLEET_PROCESSES", "0"),
+        ] {
+            let err = Settings::from_map(&env(&[(var, value)])).unwrap_err();
+            assert!(err.to_string().contains(var), "{err}");
+        }
     }
 
     #[test]

@@ -83,6 +83,27 @@ pub async fn wait_for_redis(mut conn: ConnectionManager, within: Duration) {
     }
 }
 
+/// The guarded LLM path over its own Redis connection (limits, spend, fan-out gate).
+fn llm_gateway(settings: &Settings, client: llm::LlmClient) -> anyhow::Result<llm::Gateway> {
+    let redis = redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?;
+    let fleet = llm::limits::FleetOptions {
+        processes: settings.llm_fleet_processes,
+        max_wait: settings.llm_limit_max_wait,
+        ..Default::default()
+    };
+    let limiter = llm::limits::FleetLimiter::new(redis.clone(), settings.llm_limits, &fleet)
+        .context("LLM_*_PER_MIN")?;
+    let spend = llm::limits::SpendGuard::new(
+        redis.clone(),
+        settings.llm_budgets,
+        &llm::limits::SpendOptions::default(),
+    );
+    let options = llm::GatewayOptions {
+        fan_out_wait: settings.llm_fan_out_wait,
+    };
+    Ok(llm::Gateway::new(client, limiter, spend, redis, options))
+}
+
 impl App {
     /// Wires the application. Does not migrate and does not need Redis or Postgres to be up.
     /// Must be called inside a tokio runtime (it starts the ledger writer task).
@@ -110,6 +131,7 @@ impl App {
             settings.llm_timeout,
         )
         .context("building the LLM client")?;
+        let llm = llm_gateway(&settings, llm)?;
         // The cache gets its own connection so queue traffic never takes its slots.
         let cache = cache::CoachingCache::new(
             redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?,

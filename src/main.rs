@@ -248,6 +248,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let job = AnalyzeCall {
                 call_id,
                 dimensions,
+                batch: false,
             };
             let enqueued = app.queue.enqueue(job.to_job()?).await?;
             println!("{}", serde_json::to_string_pretty(&enqueued)?);

@@ -47,6 +47,12 @@ pub mod names {
     pub const LLM_TOKENS: &str = "callcoach_llm_tokens_total";
     /// Analysis runs stored (the spec's `analysis_runs_total`), labelled `source`.
     pub const ANALYSIS_RUNS: &str = "analysis_runs_total";
+    /// LLM requests that wrote a cold cached prefix others then waited for (fan-out leaders).
+    pub const LLM_PREFIX_WRITERS: &str = "callcoach_llm_prefix_writers_total";
+    /// Polls of LLM requests waiting for another request to write the prefix they need.
+    pub const LLM_PREFIX_WAITS: &str = "callcoach_llm_prefix_waits_total";
+    /// LLM cost in micro-USD (counters are integers), labelled `model`.
+    pub const LLM_COST_MICRO_USD: &str = "callcoach_llm_cost_micro_usd_total";
     /// HTTP requests, labelled `status`.
     pub const HTTP_REQUESTS: &str = "callcoach_http_requests_total";
     /// Rate-limiter calls answered by the fail mode because Redis was unreachable, labelled

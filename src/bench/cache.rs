@@ -222,7 +222,7 @@ impl Bench {
         };
         let s = &self.app.settings;
         let request = llm::build_request(&s.prompt_options(llm::CacheTtl::FiveMinutes), &prompt);
-        let response = self.app.jobs.llm.messages(&request.body).await?;
+        let response = self.app.jobs.llm.client().messages(&request.body).await?;
         Ok((llm::parse_coaching(&response.text)?, ()))
     }
 

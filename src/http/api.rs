@@ -133,6 +133,7 @@ pub async fn create_analysis(
     let job = AnalyzeCall {
         call_id: req.call_id,
         dimensions: req.dimensions,
+        batch: false,
     };
     let mut job = job.to_job().map_err(ApiError::internal)?;
     if let Some(key) = idempotency {

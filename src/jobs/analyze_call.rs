@@ -12,7 +12,7 @@ use crate::{
     db::{self, CallForAnalysis},
     delivery::Lane,
     llm::{
-        self, CacheTtl, CoachingResult, LlmError, ModelTable, PromptInputs, Usage,
+        self, CacheTtl, CoachingResult, GatewayError, LlmError, ModelTable, PromptInputs, Usage,
         cost::{Cost, RunCost},
     },
     model::Dimension,
@@ -35,6 +35,11 @@ pub struct AnalyzeCall {
     /// Dimensions to analyse; all four when empty.
     #[serde(default)]
     pub dimensions: Vec<Dimension>,
+    /// Nobody waits for this analysis (re-analysis after a rubric change, scheduled
+    /// warming): with `LLM_BATCH_MODE` on, it goes through the Message Batches API at half
+    /// the price, and its cache entries live an hour.
+    #[serde(default)]
+    pub batch: bool,
 }
 
 impl AnalyzeCall {
@@ -81,17 +86,29 @@ impl Job for AnalyzeCall {
         let (kb_text, kb_version) = db::knowledge_base(&ctx.pg)
             .await
             .map_err(|e| JobError::Retry(e.into()))?;
-        let mut outcomes = Vec::new();
-        for dimension in self.effective_dimensions() {
+        // All dimensions at once: the gateway's prefix gate sends the first and holds the
+        // others until the shared transcript prefix is in the prompt cache. Every analysis
+        // runs to its end (none is dropped mid-call because another failed).
+        let ttl = if self.batch {
+            CacheTtl::OneHour
+        } else {
+            CacheTtl::FiveMinutes
+        };
+        let analyses = self.effective_dimensions().into_iter().map(|dimension| {
             let input = AnalysisInput {
                 job_id,
                 call: &call,
                 dimension,
                 kb_text: &kb_text,
                 kb_version: &kb_version,
+                ttl,
             };
-            outcomes.push(analyse_dimension(ctx, input).await?);
-        }
+            analyse_dimension(ctx, input)
+        });
+        let outcomes = futures::future::join_all(analyses)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(serde_json::json!({ "dimensions": outcomes }))
     }
 }
@@ -102,6 +119,7 @@ struct AnalysisInput<'a> {
     dimension: Dimension,
     kb_text: &'a str,
     kb_version: &'a str,
+    ttl: CacheTtl,
 }
 
 async fn analyse_dimension(
@@ -150,7 +168,7 @@ async fn analyse_dimension(
         .cache
         .get_or_compute(
             &key,
-            || call_llm(ctx, &prompt),
+            || call_llm(ctx, &prompt, input.ttl, &key),
             |result, usage: &Usage| {
                 let run = StoredRun {
                     usage: *usage,
@@ -234,22 +252,33 @@ pub async fn cache_key_for(
     ))
 }
 
-/// One LLM request; maps its failure onto a job outcome.
+/// One LLM request through the gateway; maps its failure onto a job outcome.
 async fn call_llm(
     ctx: &JobContext,
     prompt: &PromptInputs<'_>,
+    ttl: CacheTtl,
+    key: &CacheKey,
 ) -> Result<(CoachingResult, Usage), JobError> {
     let s = &ctx.settings;
-    let request = llm::build_request(&s.prompt_options(CacheTtl::FiveMinutes), prompt);
-    let response = ctx.llm.messages(&request.body).await;
-    let outcome = match &response {
+    let request = llm::build_request(&s.prompt_options(ttl), prompt);
+    let answer = ctx.llm.send(&request, ttl, &key.to_string()).await;
+    let outcome = match &answer {
         Ok(_) => "ok",
-        Err(e) if e.is_throttle() => "throttled",
-        Err(_) => "error",
+        Err(GatewayError::Api(e)) if e.is_throttle() => "throttled",
+        Err(GatewayError::Throttled { .. }) => "fleet_limited",
+        Err(GatewayError::OverBudget(_)) => "over_budget",
+        Err(GatewayError::Api(_)) => "error",
     };
     metrics::counter!(names::LLM_REQUESTS, "outcome" => outcome).increment(1);
-    let response = response.map_err(llm_error_outcome)?;
-    let u = response.usage;
+    let answer = answer.map_err(gateway_error_outcome)?;
+    record_usage(&s.claude_model, &answer.response.usage, answer.cost.usd);
+    let result =
+        llm::parse_coaching(&answer.response.text).map_err(|e| JobError::Fail(e.into()))?;
+    Ok((result, answer.response.usage))
+}
+
+/// Token and cost metrics of one answer.
+fn record_usage(model: &str, u: &Usage, usd: f64) {
     let (write_5m, write_1h) = u.cache_writes();
     for (kind, n) in [
         ("input", u.input_tokens),
@@ -261,8 +290,25 @@ async fn call_llm(
     ] {
         metrics::counter!(names::LLM_TOKENS, "kind" => kind).increment(n);
     }
-    let result = llm::parse_coaching(&response.text).map_err(|e| JobError::Fail(e.into()))?;
-    Ok((result, u))
+    metrics::counter!(names::LLM_COST_MICRO_USD, "model" => model.to_string())
+        .increment((usd * 1e6) as u64);
+}
+
+fn gateway_error_outcome(e: GatewayError) -> JobError {
+    match e {
+        GatewayError::Api(e) => llm_error_outcome(e),
+        GatewayError::Throttled {
+            retry_after,
+            reason,
+        } => JobError::Snooze {
+            after: retry_after,
+            reason,
+        },
+        GatewayError::OverBudget(over) => JobError::OverBudget {
+            resets_in: over.retry_after(chrono::Utc::now()),
+            reason: over.to_string(),
+        },
+    }
 }
 
 fn llm_error_outcome(e: LlmError) -> JobError {
@@ -490,6 +536,7 @@ mod tests {
         let job = AnalyzeCall {
             call_id: Uuid::nil(),
             dimensions: vec![],
+            batch: false,
         };
         assert_eq!(job.effective_dimensions(), Dimension::ALL.to_vec());
     }

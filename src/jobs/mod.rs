@@ -16,7 +16,7 @@ use crate::{
     config::Settings,
     delivery::{Envelope, Lane},
     ledger::{JobState, Ledger, Outcome},
-    llm::LlmClient,
+    llm::Gateway,
     queue::{NewJob, Queue},
     telemetry::names,
 };
@@ -43,8 +43,8 @@ pub struct JobContext {
     pub pg: PgPool,
     /// Tiered coaching cache.
     pub cache: CoachingCache,
-    /// LLM client.
-    pub llm: LlmClient,
+    /// The guarded LLM path.
+    pub llm: Gateway,
     /// Producer handle (follow-up jobs).
     pub queue: Queue,
     /// Grouped writer of job claims and outcomes.
@@ -67,6 +67,15 @@ pub enum JobError {
         /// Delay before the next run.
         after: Duration,
         /// Why.
+        reason: String,
+    },
+    /// A spend budget is used up: background work snoozes until it resets (no attempt used);
+    /// interactive work fails at once with the reason, since nobody should wait that long.
+    #[error("{reason}")]
+    OverBudget {
+        /// Time until the budget resets.
+        resets_in: Duration,
+        /// Which budget, how much is spent, when it resets.
         reason: String,
     },
     /// The job no longer makes sense; stop without error.
@@ -345,8 +354,18 @@ fn outcome_of(
             };
             (again, RunLabel::Snoozed)
         }
+        Err(JobError::OverBudget { resets_in, reason }) if claim.lane == Lane::Background => {
+            tracing::warn!(%reason, "over budget; background job snoozed until the budget resets");
+            let again = Outcome::Again {
+                state: JobState::Snoozed,
+                after: resets_in + Duration::from_millis(rand::random_range(0..=60_000)),
+                reason,
+                refund: true,
+            };
+            (again, RunLabel::Snoozed)
+        }
         Err(JobError::Cancel(reason)) => (Outcome::Cancelled(reason), RunLabel::Cancelled),
-        Err(e @ (JobError::Retry(_) | JobError::Fail(_))) => {
+        Err(e @ (JobError::Retry(_) | JobError::Fail(_) | JobError::OverBudget { .. })) => {
             tracing::error!(error = %e, attempt = claim.attempt, "job failed permanently");
             (Outcome::Failed(e.to_string()), RunLabel::Failed)
         }

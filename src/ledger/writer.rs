@@ -15,7 +15,7 @@
 //! same request channel, so callers never see a silently stopped writer.
 
 use super::{CLAIMABLE, JobState, names};
-use crate::{supervise, telemetry::names as metric};
+use crate::{delivery::Lane, supervise, telemetry::names as metric};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
 use std::{
@@ -36,6 +36,8 @@ pub struct Claimed {
     pub attempt: i32,
     /// Attempt budget of the job.
     pub max_attempts: i32,
+    /// The job's lane.
+    pub lane: Lane,
 }
 
 /// How a run ended.
@@ -219,6 +221,8 @@ async fn write_claims(pg: &PgPool, settings: &ClaimSettings, requests: Vec<Claim
                     let claim = Claimed {
                         attempt: r.get(2),
                         max_attempts: r.get(3),
+                        // The table's CHECK allows only lane names.
+                        lane: super::decode(r, "lane").unwrap_or(Lane::Interactive),
                     };
                     ((r.get(0), r.get(1)), claim)
                 })
@@ -252,7 +256,7 @@ async fn claim_rows(
                 lease_expires_at = now() + make_interval(secs => $5), claimed_by = $6, updated_at = now()
          FROM unnest($1::uuid[], $2::int[]) AS t(id, delivery)
          WHERE j.id = t.id AND j.delivery = t.delivery AND j.status = ANY($4)
-         RETURNING j.id, t.delivery, j.attempts, j.max_attempts",
+         RETURNING j.id, t.delivery, j.attempts, j.max_attempts, j.lane",
     )
     .bind(ids)
     .bind(deliveries)

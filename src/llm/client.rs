@@ -9,6 +9,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::limits::RateLimitHeaders;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -222,6 +223,9 @@ pub struct LlmResponse {
     pub stop_reason: Option<String>,
     /// Token accounting.
     pub usage: Usage,
+    /// The `anthropic-ratelimit-*` headers of the answer.
+    #[serde(skip)]
+    pub rate_limits: RateLimitHeaders,
 }
 
 /// Wire shape of a successful Messages API response.
@@ -336,12 +340,13 @@ impl LlmClient {
             .map_err(|e| LlmError::Transport(chain(&e)))?;
         let status = response.status().as_u16();
         let retry_after = parse_retry_after(response.headers());
+        let rate_limits = RateLimitHeaders::parse(response.headers());
         let bytes = response
             .bytes()
             .await
             .map_err(|e| LlmError::Transport(format!("reading response body: {}", chain(&e))))?;
         if (200..300).contains(&status) {
-            parse_success(&bytes)
+            parse_success(&bytes).map(|r| LlmResponse { rate_limits, ..r })
         } else {
             let err = classify_error(status, retry_after, &bytes);
             tracing::debug!(status, error = %err, "messages API call failed");
@@ -391,6 +396,7 @@ fn parse_success(bytes: &[u8]) -> Result<LlmResponse, LlmError> {
         text,
         stop_reason: msg.stop_reason,
         usage: msg.usage,
+        rate_limits: RateLimitHeaders::default(),
     })
 }
 

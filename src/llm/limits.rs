@@ -5,7 +5,7 @@
 //! # Rate limits
 //! Three per-minute token buckets, as Anthropic counts them: requests, input tokens (uncached
 //! input plus cache writes; cache reads do not count for current models) and output tokens.
-//! A call is charged *before* it is sent, with an estimate ([`estimate_tokens`] or
+//! A call is charged *before* it is sent, with an estimate ([`crate::llm::estimate_tokens`] or
 //! `count_tokens` for the input, `max_tokens` or a typical figure for the output), in one
 //! all-or-nothing charge over the three buckets. [`FleetLimiter::acquire`] sleeps while the
 //! buckets refill, up to a maximum wait, then gives up with [`AcquireError::Throttled`] so the
@@ -55,14 +55,6 @@ use std::{
 
 /// Below this fraction of its limit, a `remaining` header clamps the bucket.
 pub const HEADER_LOW_FRACTION: f64 = 0.2;
-
-/// A rough input-token estimate from a prompt's length in characters, for when
-/// `count_tokens` is not asked: one token per 3 characters (current tokenizers yield about
-/// 30% more tokens than the older 4 characters per token). [`FleetLimiter::settle`] corrects
-/// it from the real usage.
-pub fn estimate_tokens(chars: usize) -> u64 {
-    chars.div_ceil(3) as u64
-}
 
 /// The fleet's per-minute limits; 0 means unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -801,12 +793,5 @@ mod tests {
             over.to_string(),
             "daily LLM budget spent: $1.10 of $1.00; resets at 2026-12-03 00:00:00 UTC"
         );
-    }
-
-    #[test]
-    fn token_estimates_round_up() {
-        assert_eq!(estimate_tokens(0), 0);
-        assert_eq!(estimate_tokens(7), 3);
-        assert_eq!(estimate_tokens(9), 3);
     }
 }

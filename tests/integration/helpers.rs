@@ -409,6 +409,7 @@ impl TestApp {
         let args = AnalyzeCall {
             call_id,
             dimensions: dimensions.to_vec(),
+            batch: false,
         };
         // Due in an hour, so no running worker claims it before this run does.
         let later = chrono::Utc::now() + chrono::Duration::hours(1);

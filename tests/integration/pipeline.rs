@@ -56,6 +56,7 @@ async fn running_a_job_twice_stores_one_result() {
     let args = AnalyzeCall {
         call_id,
         dimensions: vec![Dimension::Discovery],
+        batch: false,
     };
     assert_eq!(
         perform(&app.app, first, 1, &args).await,
@@ -87,6 +88,7 @@ async fn a_stale_delivery_is_skipped() {
     let args = AnalyzeCall {
         call_id,
         dimensions: vec![Dimension::Engagement],
+        batch: false,
     };
     assert_eq!(perform(&app.app, job_id, 0, &args).await, RunLabel::Skipped);
     let (_, job) = app.get(&format!("/v1/jobs/{job_id}")).await;

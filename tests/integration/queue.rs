@@ -58,6 +58,7 @@ async fn a_backlog_beyond_the_lua_unpack_limit_is_drained() {
     let args = AnalyzeCall {
         call_id,
         dimensions: vec![Dimension::Discovery],
+        batch: false,
     };
     let envelopes: Vec<_> = (0..9000)
         .map(|_| crate::helpers::envelope(Uuid::new_v4(), 0, &args))
@@ -171,6 +172,7 @@ async fn grouped_ledger_writes_answer_each_caller_correctly() {
     let claimed = Claimed {
         attempt: 1,
         max_attempts: 4,
+        lane: callcoach::delivery::Lane::Interactive,
     };
     for ((_, _, claimable), answer) in expected.iter().zip(answers) {
         assert_eq!(answer.unwrap(), claimable.then_some(claimed));

@@ -174,11 +174,9 @@ impl ParsedRequest {
     }
 }
 
-/// Approximate tokens: ceil(chars / 4).
+/// The emulator's tokenizer: the same estimate the prompt builder places breakpoints with.
 pub(super) fn approx_tokens(text: &str) -> u64 {
-    u64::try_from(text.chars().count())
-        .unwrap_or(u64::MAX)
-        .div_ceil(4)
+    crate::llm::estimate_tokens(text)
 }
 
 /// The major model generation in an id (`claude-haiku-4-5` → 4,
