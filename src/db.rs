@@ -185,6 +185,29 @@ pub async fn active_rubric(pool: &PgPool, role: Role, dim: Dimension) -> sqlx::R
     })
 }
 
+/// The active rubrics of a role, one per dimension that has one, in [`Dimension::ALL`] order.
+pub async fn role_rubrics(pool: &PgPool, role: Role) -> sqlx::Result<Vec<(Dimension, Rubric)>> {
+    let rows = sqlx::query(
+        "SELECT dimension, version, criteria FROM coaching_rubrics WHERE role = $1 AND active",
+    )
+    .bind(role.as_str())
+    .fetch_all(pool)
+    .await?;
+    let mut rubrics: Vec<(Dimension, Rubric)> = rows
+        .iter()
+        .filter_map(|r| {
+            let dimension: Dimension = r.get::<String, _>(0).parse().ok()?;
+            let rubric = Rubric {
+                version: r.get(1),
+                criteria: r.get(2),
+            };
+            Some((dimension, rubric))
+        })
+        .collect();
+    rubrics.sort_by_key(|(d, _)| *d);
+    Ok(rubrics)
+}
+
 /// The active knowledge base: its text and a version digest that changes with any entry.
 pub async fn knowledge_base(pool: &PgPool) -> sqlx::Result<(String, String)> {
     let rows = sqlx::query(

@@ -171,6 +171,7 @@ impl App {
             queue: self.queue.clone(),
             settings: self.settings.clone(),
             metrics: self.metrics.clone(),
+            spend: self.jobs.llm.spend().clone(),
         })
     }
 

@@ -123,6 +123,7 @@ pub async fn create_analysis(
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(WRITERS)?;
     let idempotency = idempotency_key(&headers)?;
+    state.spend.check().await?;
     if !db::call_exists(&state.pg, req.call_id).await? {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

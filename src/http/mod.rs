@@ -38,6 +38,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Prometheus renderer for `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The fleet's LLM budgets: interactive analyses are refused once one is spent.
+    pub spend: crate::llm::limits::SpendGuard,
 }
 
 /// Builds the router with every route and layer.
@@ -112,6 +114,18 @@ impl ApiError {
 
 /// Seconds a client is asked to wait before retrying a 503.
 pub const RETRY_AFTER_SECS: u64 = 2;
+
+/// A spent LLM budget: 402 naming the budget and when it resets. Work nobody waits on still
+/// queues (and snoozes until then); an interactive analysis would only fail.
+impl From<crate::llm::limits::OverBudget> for ApiError {
+    fn from(over: crate::llm::limits::OverBudget) -> Self {
+        Self::new(
+            StatusCode::PAYMENT_REQUIRED,
+            "budget_exhausted",
+            over.to_string(),
+        )
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

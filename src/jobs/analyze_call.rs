@@ -86,6 +86,10 @@ impl Job for AnalyzeCall {
         let (kb_text, kb_version) = db::knowledge_base(&ctx.pg)
             .await
             .map_err(|e| JobError::Retry(e.into()))?;
+        let rubrics = db::role_rubrics(&ctx.pg, call.rep_role)
+            .await
+            .map_err(|e| JobError::Retry(e.into()))?;
+        let rubric_text = role_rubric_text(&rubrics);
         // All dimensions at once: the gateway's prefix gate sends the first and holds the
         // others until the shared transcript prefix is in the prompt cache. Every analysis
         // runs to its end (none is dropped mid-call because another failed).
@@ -99,6 +103,11 @@ impl Job for AnalyzeCall {
                 job_id,
                 call: &call,
                 dimension,
+                rubric_text: &rubric_text,
+                rubric_version: rubrics
+                    .iter()
+                    .find(|(d, _)| *d == dimension)
+                    .map(|(_, r)| r.version.as_str()),
                 kb_text: &kb_text,
                 kb_version: &kb_version,
                 ttl,
@@ -117,6 +126,10 @@ struct AnalysisInput<'a> {
     job_id: Uuid,
     call: &'a CallForAnalysis,
     dimension: Dimension,
+    /// Every active rubric of the call's role (one prompt block shared by all dimensions).
+    rubric_text: &'a str,
+    /// The version of this dimension's rubric; `None` when it has none.
+    rubric_version: Option<&'a str>,
     kb_text: &'a str,
     kb_version: &'a str,
     ttl: CacheTtl,
@@ -127,28 +140,25 @@ async fn analyse_dimension(
     input: AnalysisInput<'_>,
 ) -> Result<DimensionOutcome, JobError> {
     let started = Instant::now();
-    let rubric = db::active_rubric(&ctx.pg, input.call.rep_role, input.dimension)
-        .await
-        .with_context(|| {
-            format!(
-                "no active rubric for role {} and dimension {}",
-                input.call.rep_role.as_str(),
-                input.dimension
-            )
-        })
-        .map_err(JobError::Retry)?;
+    let rubric_version = input.rubric_version.ok_or_else(|| {
+        JobError::Retry(anyhow!(
+            "no active rubric for role {} and dimension {}",
+            input.call.rep_role.as_str(),
+            input.dimension
+        ))
+    })?;
     let s = &ctx.settings;
     let key = cache_key(
         s,
         input.call,
         input.dimension,
-        &rubric.version,
+        rubric_version,
         input.kb_version,
     );
     let prompt = PromptInputs {
         instructions: INSTRUCTIONS,
         role: input.call.rep_role.as_str(),
-        rubric: &rubric.criteria,
+        rubric: input.rubric_text,
         knowledge_base: input.kb_text,
         transcript: &input.call.transcript,
         dimension: input.dimension.as_str(),
@@ -197,6 +207,18 @@ async fn analyse_dimension(
         source: source.to_string(),
         cache_key: key.to_string(),
     })
+}
+
+/// The role rubric block: every active rubric of the role, by dimension. One block for all
+/// dimensions keeps the prompt prefix up to the transcript the same for the four analyses of
+/// a call, so the transcript is written to the prompt cache once; the analysis result is
+/// keyed by its own dimension's rubric version.
+fn role_rubric_text(rubrics: &[(Dimension, db::Rubric)]) -> String {
+    rubrics
+        .iter()
+        .map(|(d, r)| format!("## {d} (rubric {})\n{}\n", r.version, r.criteria))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The cache key of one analysis: the one place its parts are gathered.

@@ -7,6 +7,7 @@ mod cli;
 mod faults;
 mod helpers;
 mod ledger;
+mod llm;
 mod pipeline;
 mod proxy;
 mod queue;

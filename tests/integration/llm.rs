@@ -1,0 +1,170 @@
+//! The guarded LLM path end to end: the cache-aware fan-out, the fleet rate limit under a
+//! 429 storm, the spend guard.
+
+use crate::helpers::{Options, TestApp, sample_call, spawn_app_with};
+use callcoach::{llm::emulator::EmulatorConfig, model::Dimension};
+use std::time::Duration;
+
+fn slow_llm(ms: u64) -> EmulatorConfig {
+    EmulatorConfig {
+        latency: Duration::from_millis(ms),
+        ..Default::default()
+    }
+}
+
+/// (cache write tokens, cache read tokens) of each LLM run of a call.
+async fn cache_use(app: &TestApp, call_id: uuid::Uuid) -> Vec<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT cache_write_5m_tokens + cache_write_1h_tokens, cache_read_tokens
+         FROM analysis_runs WHERE call_id = $1 AND source = 'llm' ORDER BY created_at",
+    )
+    .bind(call_id)
+    .fetch_all(&app.app.pg)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_dimensions_of_a_call_pay_one_cache_write_for_their_shared_prefix() {
+    let app = spawn_app_with(Options {
+        emulator: slow_llm(300),
+        ..Default::default()
+    })
+    .await;
+    let call_id = app.ingest(&sample_call("fan-out")).await;
+    let started = std::time::Instant::now();
+    app.perform(&app.app, call_id, &Dimension::ALL).await;
+    let elapsed = started.elapsed();
+    let runs = cache_use(&app, call_id).await;
+    assert_eq!(runs.len(), 4);
+    let writers = runs.iter().filter(|(w, _)| *w > 0).count();
+    assert_eq!(writers, 1, "one request writes the shared prefix: {runs:?}");
+    let written = runs.iter().map(|(w, _)| *w).max().unwrap();
+    assert!(
+        runs.iter()
+            .filter(|(w, _)| *w == 0)
+            .all(|(_, r)| *r == written),
+        "the others read all of it: {runs:?}"
+    );
+    // First alone, then the other three together: about two LLM latencies, not four.
+    assert!(elapsed < Duration::from_millis(1100), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn without_the_fan_out_gate_concurrent_dimensions_each_write_the_prefix() {
+    let app = spawn_app_with(Options {
+        emulator: slow_llm(300),
+        env: vec![("LLM_FAN_OUT_WAIT_SECS", "0".into())],
+        ..Default::default()
+    })
+    .await;
+    let call_id = app.ingest(&sample_call("no-gate")).await;
+    app.perform(&app.app, call_id, &Dimension::ALL).await;
+    let runs = cache_use(&app, call_id).await;
+    assert_eq!(runs.iter().filter(|(w, _)| *w > 0).count(), 4, "{runs:?}");
+}
+
+#[tokio::test]
+async fn a_429_storm_under_a_fleet_limit_ends_with_every_job_done_and_no_attempt_used() {
+    const PER_MIN: usize = 30;
+    let app = spawn_app_with(Options {
+        env: vec![("LLM_REQUESTS_PER_MIN", PER_MIN.to_string())],
+        ..Default::default()
+    })
+    .await;
+    app.emulator.inject_failures(429, 12);
+    let workers = [app.spawn_worker(&[]), app.spawn_worker(&[])];
+    let mut jobs = Vec::new();
+    for n in 0..24 {
+        let call_id = app.ingest(&sample_call(&format!("storm-{n}"))).await;
+        jobs.push(app.enqueue(call_id, &["discovery"]).await);
+    }
+    for job_id in &jobs {
+        let job = app.wait_for_job(*job_id, 90).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1, "a throttle uses no attempt: {job}");
+    }
+    assert_eq!(app.emulator.failures_served(), 12);
+    // 36 requests in all against a bucket of 30 refilling at 0.5/s: the k-th answered
+    // request (0-based) came no earlier than (k + 1 - 30) / 0.5 s after the first.
+    let times = app.emulator.request_times();
+    assert_eq!(times.len(), 24);
+    let refill_per_sec = PER_MIN as f64 / 60.0;
+    for (k, t) in times.iter().enumerate() {
+        let earliest = (k as f64 + 1.0 - PER_MIN as f64) / refill_per_sec;
+        let at = t.duration_since(times[0]).as_secs_f64();
+        assert!(
+            at + 0.5 >= earliest,
+            "request {k} at {at:.2}s, limit allows {earliest:.2}s"
+        );
+    }
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn over_budget_background_work_snoozes_and_interactive_work_is_refused() {
+    let app = spawn_app_with(Options {
+        env: vec![("LLM_DAILY_BUDGET_USD", "0.000001".into())],
+        ..Default::default()
+    })
+    .await;
+    let first = app.ingest(&sample_call("budget-1")).await;
+    let job = app.perform(&app.app, first, &[Dimension::Discovery]).await;
+    assert_eq!(
+        job["status"], "succeeded",
+        "the budget was not spent yet: {job}"
+    );
+
+    let second = app.ingest(&sample_call("budget-2")).await;
+    let job = app.perform(&app.app, second, &[Dimension::Discovery]).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("daily LLM budget spent"), "{error}");
+
+    let (status, body) = app
+        .post("/v1/analyses", &serde_json::json!({"call_id": second}))
+        .await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["error"]["code"], "budget_exhausted");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("resets at"),
+        "{body}"
+    );
+
+    let args = callcoach::jobs::AnalyzeCall {
+        call_id: second,
+        dimensions: vec![Dimension::Discovery],
+        batch: true,
+    };
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let new_job = callcoach::jobs::Job::to_job(&args)
+        .unwrap()
+        .on_lane(callcoach::delivery::Lane::Background)
+        .run_at(later);
+    let job_id = app.app.queue.enqueue(new_job).await.unwrap().job_id;
+    let label = crate::helpers::perform(&app.app, job_id, 0, &args).await;
+    assert_eq!(label, callcoach::jobs::RunLabel::Snoozed);
+    let (status, attempts, due): (String, i32, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT status, attempts, run_at FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_one(&app.app.pg)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), attempts), ("snoozed", 0));
+    let midnight = (chrono::Utc::now().date_naive() + chrono::Days::new(1))
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    assert!(due >= midnight, "snoozed to the budget's reset: {due}");
+    assert_eq!(
+        app.emulator.messages_served(),
+        1,
+        "nothing sent over budget"
+    );
+}
