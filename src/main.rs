@@ -181,6 +181,9 @@ struct EmulatorArgs {
     /// Make every message batch expire instead of processing it.
     #[arg(long, env = "CALLCOACH_EMULATOR_BATCH_EXPIRE")]
     batch_expire: bool,
+    /// Pad every answer with thinking tokens up to this many output tokens.
+    #[arg(long, env = "CALLCOACH_EMULATOR_OUTPUT_TOKENS")]
+    output_tokens: Option<u64>,
 }
 
 #[tokio::main]
@@ -390,6 +393,8 @@ async fn run_emulator(args: EmulatorArgs) -> anyhow::Result<()> {
         },
         batch_delay: Duration::from_millis(args.batch_delay_ms),
         batch_expire: args.batch_expire,
+        output_tokens: args.output_tokens,
+        record_requests: false,
     };
     config.validate()?;
     let listener = bind(&format!("127.0.0.1:{}", args.port)).await?;

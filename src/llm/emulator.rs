@@ -21,6 +21,12 @@
 //! ([`EmulatorHandle::inject_failures`]), and latency can be added. A
 //! transcript containing [`MALFORMED_MARKER`] gets an answer that is not
 //! valid JSON.
+//!
+//! For cost benchmarks: a simulated clock ([`EmulatorHandle::advance`]) moves
+//! the time the prompt cache and the rate limits see, so cache entries expire
+//! as they would between requests hours apart; `output_tokens` pads answers
+//! to a target output size; `record_requests` keeps the size, hashes and usage
+//! of every answered request ([`EmulatorState::recorded_requests`]).
 
 mod batches;
 mod cache;
@@ -95,6 +101,17 @@ pub struct EmulatorConfig {
     /// Make every batch expire (all results `expired`) instead of
     /// processing it, to test 24-hour expiry handling.
     pub batch_expire: bool,
+    /// Output tokens every successful answer reports at least (text plus
+    /// thinking): when the text and the effort's thinking fall short, more
+    /// thinking tokens make up the difference, within `max_tokens` (thinking
+    /// is billed as output, like the real API bills it). `None`, the default,
+    /// leaves answers their own size. Deterministic; lets a cost benchmark
+    /// model long answers (e.g. 1,500 tokens) without generating long texts.
+    pub output_tokens: Option<u64>,
+    /// Keep a [`RecordedRequest`] (sizes, hashes and usage, no texts) for
+    /// every answered Messages request, batch requests included. Off by
+    /// default, so a long-running emulator does not grow.
+    pub record_requests: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -110,6 +127,8 @@ impl Default for EmulatorConfig {
             rate_limits: RateLimits::default(),
             batch_delay: DEFAULT_BATCH_DELAY,
             batch_expire: false,
+            output_tokens: None,
+            record_requests: false,
         }
     }
 }
@@ -127,6 +146,8 @@ impl fmt::Debug for EmulatorConfig {
             .field("rate_limits", &self.rate_limits)
             .field("batch_delay", &self.batch_delay)
             .field("batch_expire", &self.batch_expire)
+            .field("output_tokens", &self.output_tokens)
+            .field("record_requests", &self.record_requests)
             .finish()
     }
 }
@@ -204,6 +225,56 @@ struct Inner {
     requests_total: AtomicU64,
     messages_served: AtomicU64,
     failures_served: AtomicU64,
+    /// When the emulator started (real time).
+    started: Instant,
+    /// Simulated time added to the real clock, in nanoseconds ([`EmulatorState::advance`]).
+    clock_offset_nanos: AtomicU64,
+    /// Answered requests, when `record_requests` is on.
+    recorded: Mutex<Vec<RecordedRequest>>,
+}
+
+/// One answered Messages request as [`EmulatorConfig::record_requests`] keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// When it was answered, on the emulator's clock (simulated time
+    /// included), since the emulator started.
+    pub at: Duration,
+    /// Model id.
+    pub model: String,
+    /// `standard`, or `batch` for Message Batches requests.
+    pub service_tier: String,
+    /// The prompt's blocks in order (tools, system, messages).
+    pub blocks: Vec<RecordedBlock>,
+    /// Uncached input tokens billed.
+    pub input_tokens: u64,
+    /// Cache writes with the 5-minute TTL.
+    pub cache_write_5m_tokens: u64,
+    /// Cache writes with the 1-hour TTL.
+    pub cache_write_1h_tokens: u64,
+    /// Cache reads.
+    pub cache_read_tokens: u64,
+    /// Output tokens, thinking included.
+    pub output_tokens: u64,
+    /// Thinking tokens.
+    pub thinking_tokens: u64,
+}
+
+/// One prompt block of a [`RecordedRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedBlock {
+    /// `tools`, `system`, `user` or `assistant`.
+    pub section: &'static str,
+    /// The block's first 40 characters (enough to tell what it is).
+    pub head: String,
+    /// Its tokens by the emulator's tokenizer.
+    pub tokens: u64,
+    /// Hash of the block's section and content: the same text anywhere has the same hash.
+    pub content_hash: String,
+    /// The prompt cache's hash of the prefix ending after this block: the same only when
+    /// every block up to and including this one is the same.
+    pub prefix_hash: String,
+    /// The TTL of the block's `cache_control` breakpoint, if it has one.
+    pub breakpoint: Option<Duration>,
 }
 
 impl fmt::Debug for EmulatorState {
@@ -240,6 +311,9 @@ impl EmulatorState {
                 requests_total: AtomicU64::new(0),
                 messages_served: AtomicU64::new(0),
                 failures_served: AtomicU64::new(0),
+                started: Instant::now(),
+                clock_offset_nanos: AtomicU64::new(0),
+                recorded: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -247,6 +321,78 @@ impl EmulatorState {
     /// Successful `/v1/messages` responses so far.
     pub fn messages_served(&self) -> u64 {
         self.inner.messages_served.load(Ordering::Relaxed)
+    }
+
+    /// The emulator's clock: the real monotonic clock plus the simulated time added by
+    /// [`EmulatorState::advance`]. The prompt cache (entry expiry) and the rate limits use
+    /// it; batch timestamps and the rate-limit reset headers stay on wall-clock time.
+    pub fn now(&self) -> Instant {
+        Instant::now() + self.clock_offset()
+    }
+
+    /// Simulated time added so far.
+    pub fn clock_offset(&self) -> Duration {
+        Duration::from_nanos(self.inner.clock_offset_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Moves the emulator's clock forward by `by` (never backward): prompt-cache entries
+    /// whose TTL runs out in that time expire, rate-limit windows pass.
+    pub fn advance(&self, by: Duration) {
+        let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        self.inner
+            .clock_offset_nanos
+            .fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The requests recorded so far (see [`EmulatorConfig::record_requests`]).
+    pub fn recorded_requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.inner.recorded).clone()
+    }
+
+    /// Returns the recorded requests and forgets them.
+    pub fn take_recorded_requests(&self) -> Vec<RecordedRequest> {
+        std::mem::take(&mut *lock(&self.inner.recorded))
+    }
+
+    /// Keeps `req`'s answer when recording is on.
+    fn record(
+        &self,
+        req: &ParsedRequest,
+        usage: TokenUsage,
+        reply: &Reply,
+        tier: &str,
+        at: Instant,
+    ) {
+        if !self.inner.config.record_requests {
+            return;
+        }
+        let prefix_hashes = cache::prefix_hashes(req);
+        let blocks = req
+            .blocks
+            .iter()
+            .zip(prefix_hashes)
+            .map(|(b, prefix_hash)| RecordedBlock {
+                section: b.section,
+                head: b.content.chars().take(40).collect(),
+                tokens: b.tokens,
+                content_hash: cache::content_hash(b.section, &b.content),
+                prefix_hash,
+                breakpoint: b.ttl,
+            })
+            .collect();
+        let recorded = RecordedRequest {
+            at: at.saturating_duration_since(self.inner.started),
+            model: req.model.clone(),
+            service_tier: tier.to_string(),
+            blocks,
+            input_tokens: usage.input,
+            cache_write_5m_tokens: usage.creation_5m,
+            cache_write_1h_tokens: usage.creation_1h,
+            cache_read_tokens: usage.cache_read,
+            output_tokens: reply.output_tokens,
+            thinking_tokens: reply.thinking_tokens,
+        };
+        lock(&self.inner.recorded).push(recorded);
     }
 
     /// All `/v1/messages` requests received so far, including failures.
@@ -326,7 +472,8 @@ impl EmulatorState {
     fn answer_now(&self, req: &ParsedRequest, tier: &str, now: Instant) -> Value {
         let accounting = self.inner.cache.account(req, self.min_cacheable(req), now);
         self.inner.cache.commit(&accounting.writes, now);
-        let reply = reply::reply(req, self.draw_malformed());
+        let reply = reply::reply(req, self.draw_malformed(), self.inner.config.output_tokens);
+        self.record(req, accounting.usage, &reply, tier, now);
         message_json(req, &reply, accounting.usage, tier)
     }
 }
@@ -402,6 +549,11 @@ impl EmulatorHandle {
     /// [`EmulatorState::inject_failures`].
     pub fn inject_failures(&self, status: u16, count: u32) {
         self.state.inject_failures(status, count);
+    }
+
+    /// Moves the emulator's clock forward; see [`EmulatorState::advance`].
+    pub fn advance(&self, by: Duration) {
+        self.state.advance(by);
     }
 
     /// Stops accepting connections and waits (up to 5 s) for in-flight
@@ -511,7 +663,7 @@ async fn messages_handler(
     state
         .inner
         .limiter
-        .add_headers(response.headers_mut(), Instant::now());
+        .add_headers(response.headers_mut(), state.now());
     response
 }
 
@@ -528,16 +680,21 @@ async fn serve_messages(
     }
     let version = check_headers(headers, state.inner.config.api_key.as_deref())?;
     let req = parse_request(&parse_body(body)?, version, Endpoint::Create)?;
-    state.inner.limiter.admit(Instant::now())?;
+    state.inner.limiter.admit(state.now())?;
     let accounting = state
         .inner
         .cache
-        .account(&req, state.min_cacheable(&req), Instant::now());
-    let reply = reply::reply(&req, state.draw_malformed());
+        .account(&req, state.min_cacheable(&req), state.now());
+    let reply = reply::reply(
+        &req,
+        state.draw_malformed(),
+        state.inner.config.output_tokens,
+    );
     sleep_latency(state).await;
-    let done = Instant::now();
+    let done = state.now();
     state.inner.cache.commit(&accounting.writes, done);
     let usage = accounting.usage;
+    state.record(&req, usage, &reply, "standard", done);
     state.inner.limiter.record(
         done,
         usage.input + usage.cache_creation(),

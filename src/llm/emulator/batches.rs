@@ -14,7 +14,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -291,7 +290,7 @@ fn outcome(
     }
     match parsed {
         Ok(req) => {
-            let message = state.answer_now(&req, "batch", Instant::now());
+            let message = state.answer_now(&req, "batch", state.now());
             json!({"type": "succeeded", "message": message})
         }
         Err(e) => json!({"type": "errored", "error": e.body(&new_id("req"))}),

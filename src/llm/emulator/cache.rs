@@ -185,6 +185,19 @@ fn prefixes(req: &ParsedRequest) -> Vec<Prefix> {
         .collect()
 }
 
+/// The hash of the prefix ending after each block of `req` (as the cache keys its entries).
+pub(super) fn prefix_hashes(req: &ParsedRequest) -> Vec<String> {
+    prefixes(req).into_iter().map(|p| p.hash).collect()
+}
+
+/// A hash of one block's section and content, independent of what precedes it.
+pub(super) fn content_hash(section: &str, content: &str) -> String {
+    let mut hasher = Sha256::new();
+    feed(&mut hasher, section.as_bytes());
+    feed(&mut hasher, content.as_bytes());
+    hex::encode(&hasher.finalize()[..16])
+}
+
 /// Length-prefixed hash input, so block boundaries are unambiguous.
 fn feed(hasher: &mut Sha256, bytes: &[u8]) {
     let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);

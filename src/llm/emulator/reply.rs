@@ -56,8 +56,9 @@ fn wanted_thinking(req: &ParsedRequest) -> u64 {
 
 /// Generates the deterministic answer. The text is cut to `max_tokens`;
 /// thinking uses what `max_tokens` leaves after the text (so it never cuts
-/// the answer). `malformed` forces a non-JSON answer.
-pub(super) fn reply(req: &ParsedRequest, malformed: bool) -> Reply {
+/// the answer). `malformed` forces a non-JSON answer. `min_output` raises
+/// thinking until text plus thinking reach it (still within `max_tokens`).
+pub(super) fn reply(req: &ParsedRequest, malformed: bool, min_output: Option<u64>) -> Reply {
     let transcript = find_transcript(req);
     let text = if malformed || transcript.contains(MALFORMED_MARKER) {
         malformed_text()
@@ -73,7 +74,10 @@ pub(super) fn reply(req: &ParsedRequest, malformed: bool) -> Reply {
         (text, "end_turn")
     };
     let text_tokens = approx_tokens(&text);
-    let thinking_tokens = wanted_thinking(req).min(req.max_tokens.saturating_sub(text_tokens));
+    let padding = min_output.map_or(0, |m| m.saturating_sub(text_tokens));
+    let thinking_tokens = wanted_thinking(req)
+        .max(padding)
+        .min(req.max_tokens.saturating_sub(text_tokens));
     Reply {
         output_tokens: text_tokens + thinking_tokens,
         thinking_tokens,

@@ -1651,3 +1651,92 @@ async fn batches_share_the_prompt_cache() {
     );
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_simulated_clock_expires_cache_entries() {
+    let emu = start(EmulatorConfig::default()).await;
+    let mut request = body("tail");
+    request["system"] = json!([cached_block(&"s".repeat(6_000))]);
+    let read = |ok: &Value| ok["usage"]["cache_read_input_tokens"].as_u64();
+    let first = assert_ok(&emu, V2026, &request).await;
+    assert_eq!(first["usage"]["cache_creation_input_tokens"], 1_500);
+    // Four minutes on: still cached, and the read refreshes the 5-minute entry.
+    emu.advance(Duration::from_secs(240));
+    assert_eq!(read(&assert_ok(&emu, V2026, &request).await), Some(1_500));
+    emu.advance(Duration::from_secs(240));
+    assert_eq!(read(&assert_ok(&emu, V2026, &request).await), Some(1_500));
+    // 72 minutes later the entry is gone and is written again.
+    emu.advance(Duration::from_secs(72 * 60));
+    let later = assert_ok(&emu, V2026, &request).await;
+    assert_eq!(read(&later), Some(0));
+    assert_eq!(later["usage"]["cache_creation_input_tokens"], 1_500);
+    assert_eq!(emu.state().clock_offset(), Duration::from_secs(80 * 60));
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn output_tokens_pad_answers_with_thinking_within_max_tokens() {
+    let emu = start(EmulatorConfig {
+        output_tokens: Some(1_500),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let mut request = body("Rep: What slows your reporting?");
+    request["max_tokens"] = json!(4_096);
+    let ok = assert_ok(&emu, V2026, &request).await;
+    let text_tokens = crate::llm::estimate_tokens(ok["content"][0]["text"].as_str().unwrap());
+    assert_eq!(ok["usage"]["output_tokens"], 1_500, "{ok}");
+    assert_eq!(
+        ok["usage"]["output_tokens_details"]["thinking_tokens"],
+        1_500 - text_tokens
+    );
+    // max_tokens still caps the answer.
+    request["max_tokens"] = json!(600);
+    let capped = assert_ok(&emu, V2026, &request).await;
+    assert_eq!(capped["usage"]["output_tokens"], 600, "{capped}");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn recorded_requests_carry_sizes_hashes_usage_and_clock_time() {
+    let emu = start(EmulatorConfig {
+        record_requests: true,
+        ..EmulatorConfig::default()
+    })
+    .await;
+    let shared = "s".repeat(6_000);
+    let mut first = body("tail one");
+    first["system"] = json!([cached_block(&shared)]);
+    let mut second = body("tail two");
+    second["system"] = json!([cached_block(&shared)]);
+    assert_ok(&emu, V2026, &first).await;
+    emu.advance(Duration::from_secs(60));
+    assert_ok(&emu, V2026, &second).await;
+    let recorded = emu.state().take_recorded_requests();
+    assert_eq!(recorded.len(), 2);
+    let (a, b) = (&recorded[0], &recorded[1]);
+    assert_eq!((a.cache_write_5m_tokens, a.cache_read_tokens), (1_500, 0));
+    assert_eq!((b.cache_write_5m_tokens, b.cache_read_tokens), (0, 1_500));
+    assert!(
+        b.at >= a.at + Duration::from_secs(60),
+        "{:?} {:?}",
+        a.at,
+        b.at
+    );
+    assert_eq!(a.blocks.len(), 2);
+    assert_eq!(a.blocks[0].section, "system");
+    assert_eq!(a.blocks[0].tokens, 1_500);
+    assert_eq!(a.blocks[0].head, "s".repeat(40));
+    assert_eq!(a.blocks[0].breakpoint, Some(Duration::from_secs(300)));
+    assert_eq!(a.blocks[0].prefix_hash, b.blocks[0].prefix_hash);
+    assert_eq!(a.blocks[0].content_hash, b.blocks[0].content_hash);
+    assert_ne!(a.blocks[1].prefix_hash, b.blocks[1].prefix_hash);
+    assert_eq!(a.service_tier, "standard");
+    assert!(emu.state().recorded_requests().is_empty());
+    // Off by default.
+    let quiet = start(EmulatorConfig::default()).await;
+    assert_ok(&quiet, V2026, &first).await;
+    assert!(quiet.state().recorded_requests().is_empty());
+    quiet.shutdown().await;
+    emu.shutdown().await;
+}
