@@ -2,6 +2,7 @@
 //! baseline measured in the same run. Speed goals live here, never in timed test assertions.
 
 pub mod cache;
+pub mod cost;
 pub mod queue;
 
 use crate::config::Settings;
@@ -40,6 +41,23 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 50)]
         clients: usize,
     },
+    /// Monthly LLM cost of the spec's workload through the real analysis path against the
+    /// emulator: no caching, session cache only, session + prompt caching (both block
+    /// orders), at the spec's and the default model's prices, against the price-rule minimum.
+    Cost {
+        /// Calls per day, spread evenly over 24 hours.
+        #[arg(long, default_value_t = 20)]
+        calls_per_day: usize,
+        /// Days simulated.
+        #[arg(long, default_value_t = 30)]
+        days: usize,
+        /// Percent of calls repeating an already-analysed transcript.
+        #[arg(long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..100))]
+        repeat_pct: u8,
+        /// Keep the bench's calls, runs and cache rows afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 /// Runs a benchmark and prints its JSON report.
@@ -68,6 +86,20 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             iterations,
             clients,
         } => cache::run(settings, iterations, clients).await?,
+        BenchCommand::Cost {
+            calls_per_day,
+            days,
+            repeat_pct,
+            keep,
+        } => {
+            let bench = cost::CostBench {
+                calls_per_day,
+                days,
+                repeat_pct,
+                keep,
+            };
+            cost::run(settings, bench).await?
+        }
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
