@@ -123,6 +123,12 @@ pub struct Settings {
     /// Longest an LLM request waits for another one writing the cached prefix it needs
     /// (`LLM_FAN_OUT_WAIT_SECS`, default 30).
     pub llm_fan_out_wait: Duration,
+    /// Send analyses nobody waits on through the Message Batches API at half the price
+    /// (`LLM_BATCH_MODE`, default true).
+    pub llm_batch_mode: bool,
+    /// How long `collect_batch` waits between looks at a running batch (`BATCH_POLL_SECS`,
+    /// default 60; snoozes back off from there).
+    pub batch_poll: Duration,
     /// Attempts before a job is dead-lettered (`JOB_MAX_ATTEMPTS`, default 5).
     pub job_max_attempts: i32,
     /// Idle poll interval of workers (`WORKER_POLL_MS`, default 50).
@@ -221,6 +227,8 @@ impl Settings {
                 monthly_usd: usd(get, "LLM_MONTHLY_BUDGET_USD")?,
             },
             llm_fan_out_wait: Duration::from_secs(parse(get, "LLM_FAN_OUT_WAIT_SECS", 30)?),
+            llm_batch_mode: parse_bool(get, "LLM_BATCH_MODE", true)?,
+            batch_poll: Duration::from_secs(positive(get, "BATCH_POLL_SECS", 60)?),
         };
         Ok(settings)
     }

@@ -205,6 +205,33 @@ impl DemoClient {
     }
 }
 
+/// The LLM cost of the runs since `since`, against what each cache saved (from the stored
+/// usage and counterfactuals, never estimated).
+async fn print_cost(app: &App, since: chrono::DateTime<chrono::Utc>) -> anyhow::Result<()> {
+    let (paid, no_prompt, no_session, none): (f64, f64, f64, f64) = sqlx::query_as(
+        "SELECT coalesce(sum(cost_usd), 0), coalesce(sum(cost_without_prompt_cache_usd), 0),
+                coalesce(sum(cost_without_session_cache_usd), 0),
+                coalesce(sum(cost_without_caching_usd), 0)
+         FROM analysis_runs WHERE created_at >= $1",
+    )
+    .bind(since)
+    .fetch_one(&app.pg)
+    .await?;
+    let saved = |base: f64| {
+        if base > 0.0 {
+            format!("{:.0}%", (1.0 - paid / base) * 100.0)
+        } else {
+            "-".into()
+        }
+    };
+    println!(
+        "LLM cost: ${paid:.4}   without caching: ${none:.4} (saved {})   \
+         session cache only: ${no_prompt:.4}   prompt cache only: ${no_session:.4}",
+        saved(none)
+    );
+    Ok(())
+}
+
 /// What the summary table reports.
 struct Summary<'a> {
     calls: &'a [Uuid],
@@ -279,6 +306,7 @@ async fn print_summary(app: &App, s: &Summary<'_>) -> anyhow::Result<()> {
         count("postgres"),
         s.elapsed.as_secs_f64()
     );
+    print_cost(app, s.since).await?;
     let failed: usize = s.passes.iter().map(|p| p.failed).sum();
     if failed > 0 {
         bail!("{failed} demo job(s) did not succeed");

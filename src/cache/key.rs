@@ -17,7 +17,7 @@ pub const GZIP_THRESHOLD: usize = 1024;
 /// The parts of a cache key. `Display` renders the one key format:
 /// `coaching:{dimension}:{transcript_hash}:{rubric_version}:{fingerprint}`, where the rubric
 /// version is qualified by its role (`ae-1.0.0`) because each role has its own rubric.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheKey {
     /// Dimension analysed.
     pub dimension: Dimension,

@@ -98,8 +98,10 @@ impl Job for AnalyzeCall {
         } else {
             CacheTtl::FiveMinutes
         };
-        let analyses = self.effective_dimensions().into_iter().map(|dimension| {
-            let input = AnalysisInput {
+        let inputs = self
+            .effective_dimensions()
+            .into_iter()
+            .map(|dimension| AnalysisInput {
                 job_id,
                 call: &call,
                 dimension,
@@ -111,9 +113,11 @@ impl Job for AnalyzeCall {
                 kb_text: &kb_text,
                 kb_version: &kb_version,
                 ttl,
-            };
-            analyse_dimension(ctx, input)
-        });
+            });
+        if self.batch && ctx.settings.llm_batch_mode {
+            return super::collect_batch::submit(ctx, job_id, &call, inputs.collect()).await;
+        }
+        let analyses = inputs.map(|input| analyse_dimension(ctx, input));
         let outcomes = futures::future::join_all(analyses)
             .await
             .into_iter()
@@ -122,48 +126,27 @@ impl Job for AnalyzeCall {
     }
 }
 
-struct AnalysisInput<'a> {
-    job_id: Uuid,
-    call: &'a CallForAnalysis,
-    dimension: Dimension,
+/// What one dimension analysis of a call is made from.
+pub(super) struct AnalysisInput<'a> {
+    pub(super) job_id: Uuid,
+    pub(super) call: &'a CallForAnalysis,
+    pub(super) dimension: Dimension,
     /// Every active rubric of the call's role (one prompt block shared by all dimensions).
-    rubric_text: &'a str,
+    pub(super) rubric_text: &'a str,
     /// The version of this dimension's rubric; `None` when it has none.
-    rubric_version: Option<&'a str>,
-    kb_text: &'a str,
-    kb_version: &'a str,
-    ttl: CacheTtl,
+    pub(super) rubric_version: Option<&'a str>,
+    pub(super) kb_text: &'a str,
+    pub(super) kb_version: &'a str,
+    pub(super) ttl: CacheTtl,
 }
 
-async fn analyse_dimension(
+pub(super) async fn analyse_dimension(
     ctx: &JobContext,
     input: AnalysisInput<'_>,
 ) -> Result<DimensionOutcome, JobError> {
     let started = Instant::now();
-    let rubric_version = input.rubric_version.ok_or_else(|| {
-        JobError::Retry(anyhow!(
-            "no active rubric for role {} and dimension {}",
-            input.call.rep_role.as_str(),
-            input.dimension
-        ))
-    })?;
     let s = &ctx.settings;
-    let key = cache_key(
-        s,
-        input.call,
-        input.dimension,
-        rubric_version,
-        input.kb_version,
-    );
-    let prompt = PromptInputs {
-        instructions: INSTRUCTIONS,
-        role: input.call.rep_role.as_str(),
-        rubric: input.rubric_text,
-        knowledge_base: input.kb_text,
-        transcript: &input.call.transcript,
-        dimension: input.dimension.as_str(),
-        dimension_criteria: dimension_criteria(input.dimension),
-    };
+    let (key, prompt) = plan(s, &input)?;
     let mut run = StoredRun {
         job_id: input.job_id,
         call: input.call,
@@ -207,6 +190,37 @@ async fn analyse_dimension(
         source: source.to_string(),
         cache_key: key.to_string(),
     })
+}
+
+/// The cache key and prompt texts of one analysis.
+pub(super) fn plan<'a>(
+    s: &Settings,
+    input: &AnalysisInput<'a>,
+) -> Result<(CacheKey, PromptInputs<'a>), JobError> {
+    let rubric_version = input.rubric_version.ok_or_else(|| {
+        JobError::Retry(anyhow!(
+            "no active rubric for role {} and dimension {}",
+            input.call.rep_role.as_str(),
+            input.dimension
+        ))
+    })?;
+    let key = cache_key(
+        s,
+        input.call,
+        input.dimension,
+        rubric_version,
+        input.kb_version,
+    );
+    let prompt = PromptInputs {
+        instructions: INSTRUCTIONS,
+        role: input.call.rep_role.as_str(),
+        rubric: input.rubric_text,
+        knowledge_base: input.kb_text,
+        transcript: &input.call.transcript,
+        dimension: input.dimension.as_str(),
+        dimension_criteria: dimension_criteria(input.dimension),
+    };
+    Ok((key, prompt))
 }
 
 /// The role rubric block: every active rubric of the role, by dimension. One block for all
@@ -316,7 +330,7 @@ fn record_usage(model: &str, u: &Usage, usd: f64) {
         .increment((usd * 1e6) as u64);
 }
 
-fn gateway_error_outcome(e: GatewayError) -> JobError {
+pub(super) fn gateway_error_outcome(e: GatewayError) -> JobError {
     match e {
         GatewayError::Api(e) => llm_error_outcome(e),
         GatewayError::Throttled {
@@ -333,7 +347,7 @@ fn gateway_error_outcome(e: GatewayError) -> JobError {
     }
 }
 
-fn llm_error_outcome(e: LlmError) -> JobError {
+pub(super) fn llm_error_outcome(e: LlmError) -> JobError {
     if e.is_throttle() {
         // The back-off floor (`snooze_delay`) grows with repeated throttles.
         let after = e.retry_after().unwrap_or_default();
@@ -348,16 +362,17 @@ fn llm_error_outcome(e: LlmError) -> JobError {
     }
 }
 
+/// One analysis run to record.
 #[derive(Clone)]
-struct StoredRun<'a> {
-    job_id: Uuid,
-    call: &'a CallForAnalysis,
-    key: &'a CacheKey,
-    source: &'static str,
-    model: &'a str,
-    usage: Usage,
-    started: Instant,
-    waited: Duration,
+pub(super) struct StoredRun<'a> {
+    pub(super) job_id: Uuid,
+    pub(super) call: &'a CallForAnalysis,
+    pub(super) key: &'a CacheKey,
+    pub(super) source: &'static str,
+    pub(super) model: &'a str,
+    pub(super) usage: Usage,
+    pub(super) started: Instant,
+    pub(super) waited: Duration,
 }
 
 /// Writes the analysis run, this call's coaching session for the key (unless it has one) and
@@ -365,7 +380,7 @@ struct StoredRun<'a> {
 /// cache key. Returns the stored result: the winner's, if a cache row already existed, so the
 /// session, the cache row and Redis all carry the same answer. The cache row always points at
 /// a session that exists.
-async fn store(
+pub(super) async fn store(
     ctx: &JobContext,
     run: &StoredRun<'_>,
     result: &CoachingResult,

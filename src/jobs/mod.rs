@@ -8,6 +8,7 @@
 //! fail), applied only if this delivery is still the running one.
 
 pub mod analyze_call;
+pub mod collect_batch;
 pub mod invalidate_rubric;
 pub mod registry;
 
@@ -33,6 +34,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub use analyze_call::AnalyzeCall;
+pub use collect_batch::CollectBatch;
 pub use invalidate_rubric::InvalidateRubric;
 pub use registry::{Backoff, JobKind, JobOptions};
 

@@ -6,7 +6,7 @@
 //! To add a kind: implement [`Job`] (name, options, `perform`) in its own file and add one
 //! `JobKind::of::<YourJob>()` line below.
 
-use super::{AnalyzeCall, InvalidateRubric, Job, JobContext, JobError, Noop};
+use super::{AnalyzeCall, CollectBatch, InvalidateRubric, Job, JobContext, JobError, Noop};
 use crate::{delivery::Lane, queue::NewJob};
 use futures::future::BoxFuture;
 use std::time::Duration;
@@ -129,6 +129,7 @@ fn perform_erased<J: Job>(
 /// Every job kind, once.
 pub const REGISTRY: &[JobKind] = &[
     JobKind::of::<AnalyzeCall>(),
+    JobKind::of::<CollectBatch>(),
     JobKind::of::<InvalidateRubric>(),
     JobKind::of::<Noop>(),
 ];

@@ -329,12 +329,26 @@ impl LlmClient {
     /// [`LlmError::Transport`] when no answer arrived in time, or
     /// [`LlmError::BadResponse`] when a 2xx body is not a message.
     pub async fn messages(&self, body: &serde_json::Value) -> Result<LlmResponse, LlmError> {
-        let response = self
-            .http
-            .post(self.endpoint.clone())
+        let request = self.http.post(self.endpoint.clone()).json(body);
+        let (rate_limits, bytes) = self.send(request).await?;
+        parse_success(&bytes).map(|r| LlmResponse { rate_limits, ..r })
+    }
+
+    /// A request to `{base_url}{path}` (`path` starts with `/`).
+    pub(super) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base_url))
+    }
+
+    /// Sends `request` with the API headers; the body of a 2xx answer, or the classified
+    /// error.
+    pub(super) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(RateLimitHeaders, Vec<u8>), LlmError> {
+        let response = request
             .header("x-api-key", &self.api_key)
             .header("anthropic-version", ANTHROPIC_VERSION)
-            .json(body)
             .send()
             .await
             .map_err(|e| LlmError::Transport(chain(&e)))?;
@@ -346,17 +360,17 @@ impl LlmClient {
             .await
             .map_err(|e| LlmError::Transport(format!("reading response body: {}", chain(&e))))?;
         if (200..300).contains(&status) {
-            parse_success(&bytes).map(|r| LlmResponse { rate_limits, ..r })
+            Ok((rate_limits, bytes.to_vec()))
         } else {
             let err = classify_error(status, retry_after, &bytes);
-            tracing::debug!(status, error = %err, "messages API call failed");
+            tracing::debug!(status, error = %err, "API call failed");
             Err(err)
         }
     }
 }
 
 /// Formats an error with its whole `source()` chain.
-fn chain(err: &dyn std::error::Error) -> String {
+pub(super) fn chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
@@ -381,9 +395,9 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// Parses a 2xx body into an [`LlmResponse`].
-fn parse_success(bytes: &[u8]) -> Result<LlmResponse, LlmError> {
+pub(super) fn parse_success(bytes: &[u8]) -> Result<LlmResponse, LlmError> {
     let msg: ApiMessage = serde_json::from_slice(bytes)
-        .map_err(|e| LlmError::BadResponse(format!("{e}; body: {}", truncated_body(bytes))))?;
+        .map_err(|e| LlmError::BadResponse(format!("{e}; body: {}", truncated(bytes))))?;
     let text = msg
         .content
         .iter()
@@ -437,7 +451,7 @@ fn error_kind_and_message(status: u16, body: &[u8]) -> (String, String) {
             (parsed.error.kind, message)
         }
         _ => {
-            let raw = truncated_body(body);
+            let raw = truncated(body);
             let message = if raw.trim().is_empty() {
                 format!("HTTP {status} with an empty body")
             } else {
@@ -449,7 +463,7 @@ fn error_kind_and_message(status: u16, body: &[u8]) -> (String, String) {
 }
 
 /// Body text (lossy UTF-8) cut to [`MAX_ERROR_BODY_CHARS`] characters.
-fn truncated_body(body: &[u8]) -> String {
+pub(super) fn truncated(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let mut out: String = text.chars().take(MAX_ERROR_BODY_CHARS).collect();
     if text.chars().nth(MAX_ERROR_BODY_CHARS).is_some() {

@@ -4,6 +4,7 @@
 //!   for the job system's retry policy ([`LlmError`]).
 //! - [`prompt`]: [`build_request`] lays a dimension analysis out for prompt
 //!   caching; [`parse_coaching`] validates the model's JSON answer.
+//! - [`batch`]: the Message Batches API (half price, results within 24 h).
 //! - [`cost`]: what a call cost from its usage, and without each cache.
 //! - [`gateway`]: [`Gateway`], the guarded path jobs use: spend guard, cache-aware
 //!   fan-out, fleet rate limit, cost.
@@ -12,6 +13,7 @@
 //! - [`emulator`]: an Anthropic-compatible local server for dev, demos and
 //!   tests.
 
+pub mod batch;
 pub mod client;
 pub mod cost;
 pub mod emulator;

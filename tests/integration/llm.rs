@@ -168,3 +168,141 @@ async fn over_budget_background_work_snoozes_and_interactive_work_is_refused() {
         "nothing sent over budget"
     );
 }
+
+/// Enqueues a batch analysis of every dimension of `call_id` on the background lane.
+async fn enqueue_batch(app: &TestApp, call_id: uuid::Uuid) -> uuid::Uuid {
+    let args = callcoach::jobs::AnalyzeCall {
+        call_id,
+        dimensions: vec![],
+        batch: true,
+    };
+    let job = callcoach::jobs::Job::to_job(&args)
+        .unwrap()
+        .on_lane(callcoach::delivery::Lane::Background);
+    app.app.queue.enqueue(job).await.unwrap().job_id
+}
+
+/// Waits for the (only) job of `kind` and returns it once finished.
+async fn finished_job_of_kind(app: &TestApp, kind: &str) -> serde_json::Value {
+    for _ in 0..150 {
+        let id: Option<uuid::Uuid> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE kind = $1 ORDER BY enqueued_at LIMIT 1")
+                .bind(kind)
+                .fetch_optional(&app.app.pg)
+                .await
+                .unwrap();
+        if let Some(id) = id {
+            return app.wait_for_job(id, 30).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("no {kind} job was enqueued");
+}
+
+fn batch_app_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("LLM_BATCH_MODE", "true".into()),
+        ("BATCH_POLL_SECS", "1".into()),
+    ]
+}
+
+#[tokio::test]
+async fn a_batch_analysis_is_collected_and_stored_at_half_the_price() {
+    let mut app = spawn_app_with(Options {
+        env: batch_app_env(),
+        ..Default::default()
+    })
+    .await;
+    app.start_worker();
+    let call_id = app.ingest(&sample_call("batched")).await;
+    let job = app
+        .wait_for_job(enqueue_batch(&app, call_id).await, 30)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(
+        job["result"]["pending"].as_array().unwrap().len(),
+        4,
+        "{job}"
+    );
+    let collected = finished_job_of_kind(&app, "collect_batch").await;
+    assert_eq!(collected["status"], "succeeded", "{collected}");
+    assert_eq!(collected["result"]["stored"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        app.emulator.messages_served(),
+        0,
+        "nothing went through /v1/messages"
+    );
+    type Row = (Option<String>, i64, i64, i64, i64, f64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT service_tier, input_tokens, cache_write_1h_tokens, cache_read_tokens,
+                output_tokens, cost_usd
+         FROM analysis_runs WHERE call_id = $1",
+    )
+    .bind(call_id)
+    .fetch_all(&app.app.pg)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 4);
+    let mtok = |n: i64, price: f64| n as f64 * price / 1e6;
+    for (tier, input, w1h, read, output, usd) in &rows {
+        assert_eq!(tier.as_deref(), Some("batch"));
+        // Sonnet 5.5 at half price: $1 input, $2 1-hour write, $0.10 read, $5 output.
+        let half = mtok(*input, 1.0) + mtok(*w1h, 2.0) + mtok(*read, 0.1) + mtok(*output, 5.0);
+        assert!((usd - half).abs() < 1e-9, "{usd} vs {half}");
+    }
+    assert!(
+        rows.iter().any(|r| r.2 > 0),
+        "1-hour cache writes: {rows:?}"
+    );
+    let (status, call) = app.get(&format!("/v1/calls/{call_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(call["coaching"].as_array().unwrap().len(), 4, "{call}");
+}
+
+#[tokio::test]
+async fn an_expired_batch_is_analysed_directly() {
+    let mut app = spawn_app_with(Options {
+        env: batch_app_env(),
+        emulator: EmulatorConfig {
+            batch_expire: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    app.start_worker();
+    let call_id = app.ingest(&sample_call("expired-batch")).await;
+    enqueue_batch(&app, call_id).await;
+    let collected = finished_job_of_kind(&app, "collect_batch").await;
+    assert_eq!(collected["status"], "succeeded", "{collected}");
+    assert_eq!(collected["result"]["requeued"].as_array().unwrap().len(), 4);
+    for _ in 0..150 {
+        if app.run_sources(call_id).await.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(app.run_sources(call_id).await, ["llm"; 4]);
+    assert_eq!(app.emulator.messages_served(), 4, "answered directly");
+}
+
+#[tokio::test]
+async fn a_wrong_api_key_fails_the_job_at_once_with_the_apis_message() {
+    let mut app = spawn_app_with(Options {
+        emulator: EmulatorConfig {
+            api_key: Some("the-right-key".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    app.start_worker();
+    let call_id = app.ingest(&sample_call("bad-key")).await;
+    let job = app
+        .wait_for_job(app.enqueue(call_id, &["discovery"]).await, 30)
+        .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempts"], 1, "no retry: {job}");
+    let error = job["last_error"].as_str().unwrap();
+    assert!(error.contains("401 authentication_error"), "{error}");
+}

@@ -161,17 +161,8 @@ fn check_object(
     depth: usize,
 ) -> Result<(), String> {
     let props = schema.get("properties").and_then(Value::as_object);
-    for name in schema
-        .get("required")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let Some(name) = name.as_str()
-            && !obj.contains_key(name)
-        {
-            return Err(format!("{path}.{name}: required"));
-        }
+    if let Some(name) = required(schema).find(|name| !obj.contains_key(*name)) {
+        return Err(format!("{path}.{name}: required"));
     }
     let closed = schema.get("additionalProperties") == Some(&Value::Bool(false));
     for (key, item) in obj {
@@ -263,15 +254,8 @@ fn gen_object(schema: &Map<String, Value>, seed: &str, path: &str, depth: usize)
             out.insert(name.clone(), gen_value(sub, seed, &sub_path, depth + 1));
         }
     }
-    for name in schema
-        .get("required")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if let Some(name) = name.as_str()
-            && !out.contains_key(name)
-        {
+    for name in required(schema) {
+        if !out.contains_key(name) {
             out.insert(name.to_owned(), Value::String(format!("emulated {name}")));
         }
     }
@@ -357,4 +341,14 @@ fn gen_string(schema: &Map<String, Value>, seed: &str, path: &str) -> String {
         text = text.chars().take(max).collect();
     }
     text
+}
+
+/// The names an object schema's `required` lists.
+fn required(schema: &Map<String, Value>) -> impl Iterator<Item = &str> {
+    schema
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
 }
