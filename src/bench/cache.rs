@@ -333,68 +333,6 @@ fn codec_figures() -> Value {
 /// vocabulary by a fixed pseudo-random sequence (so runs compare, and gzip sees realistic,
 /// not repetitive, text).
 fn synthetic_transcript(bytes: usize) -> String {
-    const WORDS: &[&str] = &[
-        "we",
-        "our",
-        "team",
-        "dashboard",
-        "refresh",
-        "takes",
-        "hours",
-        "pipeline",
-        "pricing",
-        "renewal",
-        "quarter",
-        "budget",
-        "analyst",
-        "data",
-        "warehouse",
-        "connector",
-        "Snowflake",
-        "Postgres",
-        "latency",
-        "seats",
-        "contract",
-        "discount",
-        "security",
-        "review",
-        "SSO",
-        "audit",
-        "export",
-        "alerts",
-        "forecast",
-        "churn",
-        "adoption",
-        "onboarding",
-        "trial",
-        "integration",
-        "Salesforce",
-        "timeline",
-        "decision",
-        "stakeholders",
-        "legal",
-        "CFO",
-        "numbers",
-        "weekly",
-        "daily",
-        "board",
-        "report",
-        "schema",
-        "migration",
-        "rollout",
-        "support",
-        "SLA",
-        "uptime",
-        "the",
-        "a",
-        "and",
-        "to",
-        "of",
-        "is",
-        "it",
-        "that",
-        "for",
-    ];
     let mut state: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = |n: usize| {
         state ^= state << 13;
@@ -407,7 +345,7 @@ fn synthetic_transcript(bytes: usize) -> String {
     while out.len() < bytes {
         out.push_str(if turn % 2 == 0 { "Rep: " } else { "Buyer: " });
         for _ in 0..8 + next(20) {
-            out.push_str(WORDS[next(WORDS.len())]);
+            out.push_str(super::WORDS[next(super::WORDS.len())]);
             out.push(' ');
         }
         out.push_str(if next(3) == 0 { "?\n" } else { ".\n" });

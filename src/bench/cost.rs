@@ -937,65 +937,6 @@ fn seed_of(tag: &str, n: u64) -> u64 {
     u64::from_str_radix(&digest[..16], 16).unwrap_or(1) | 1
 }
 
-const WORDS: &[&str] = &[
-    "we",
-    "our",
-    "team",
-    "dashboard",
-    "refresh",
-    "takes",
-    "hours",
-    "pipeline",
-    "pricing",
-    "renewal",
-    "quarter",
-    "budget",
-    "analyst",
-    "data",
-    "warehouse",
-    "connector",
-    "Snowflake",
-    "latency",
-    "seats",
-    "contract",
-    "discount",
-    "security",
-    "review",
-    "SSO",
-    "audit",
-    "export",
-    "alerts",
-    "forecast",
-    "churn",
-    "adoption",
-    "onboarding",
-    "trial",
-    "integration",
-    "timeline",
-    "decision",
-    "stakeholders",
-    "legal",
-    "CFO",
-    "numbers",
-    "weekly",
-    "board",
-    "report",
-    "schema",
-    "migration",
-    "rollout",
-    "support",
-    "SLA",
-    "uptime",
-    "the",
-    "a",
-    "and",
-    "to",
-    "of",
-    "is",
-    "it",
-    "that",
-    "for",
-];
 
 /// About `chars` characters of sentences starting with `head`.
 fn prose(head: &str, chars: usize, seed: u64) -> String {
@@ -1005,7 +946,7 @@ fn prose(head: &str, chars: usize, seed: u64) -> String {
     while out.len() < chars {
         out.push(' ');
         for _ in 0..6 + rng.below(12) {
-            out.push_str(WORDS[rng.below(WORDS.len())]);
+            out.push_str(super::WORDS[rng.below(super::WORDS.len())]);
             out.push(' ');
         }
         out.pop();
@@ -1027,7 +968,7 @@ fn transcript(tag: &str, n: usize, chars: usize) -> Vec<Utterance> {
     while total < chars {
         let mut text = String::new();
         for _ in 0..8 + rng.below(20) {
-            text.push_str(WORDS[rng.below(WORDS.len())]);
+            text.push_str(super::WORDS[rng.below(super::WORDS.len())]);
             text.push(' ');
         }
         text.push(if rng.below(3) == 0 { '?' } else { '.' });
