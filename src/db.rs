@@ -64,10 +64,11 @@ async fn seed(pool: &PgPool) -> anyhow::Result<()> {
 pub async fn insert_call(pool: &PgPool, call: &CallInput) -> sqlx::Result<(Uuid, bool)> {
     let mut tx = pool.begin().await?;
     let id = Uuid::now_v7();
+    let rep_id = upsert_rep(&mut tx, call).await?;
     let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO calls (id, external_id, title, product, call_type, scheduled_at,
-                            duration_seconds, rep_email, rep_role)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                            duration_seconds, rep_email, rep_role, rep_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (external_id) DO NOTHING RETURNING id",
     )
     .bind(id)
@@ -79,6 +80,7 @@ pub async fn insert_call(pool: &PgPool, call: &CallInput) -> sqlx::Result<(Uuid,
     .bind(call.duration_seconds)
     .bind(&call.rep_email)
     .bind(call.rep_role.as_str())
+    .bind(rep_id)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(id) = inserted else {
@@ -121,6 +123,8 @@ pub struct CallForAnalysis {
     pub id: Uuid,
     /// The rep being coached.
     pub rep_email: String,
+    /// Their row in `reps`.
+    pub rep_id: Uuid,
     /// Selects the rubric.
     pub rep_role: Role,
     /// Normalized transcript text.
@@ -129,10 +133,47 @@ pub struct CallForAnalysis {
     pub transcript_hash: String,
 }
 
+/// The call's rep, created on first sight of its e-mail address (matched case-insensitively
+/// afterwards). The name comes from `rep_name`, else the internal speaker with that address,
+/// else the address's local part; a `rep_team` given later fills in the team.
+async fn upsert_rep(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    call: &CallInput,
+) -> sqlx::Result<Uuid> {
+    let speaker = call.speakers.iter().find(|s| {
+        s.email
+            .as_deref()
+            .is_some_and(|e| e.eq_ignore_ascii_case(&call.rep_email))
+    });
+    let name = call
+        .rep_name
+        .clone()
+        .or_else(|| speaker.map(|s| s.name.clone()))
+        .unwrap_or_else(|| {
+            call.rep_email
+                .split('@')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        });
+    sqlx::query_scalar(
+        "INSERT INTO reps (id, name, email, role, team) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT ((lower(email))) DO UPDATE SET team = coalesce(EXCLUDED.team, reps.team)
+         RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(name)
+    .bind(&call.rep_email)
+    .bind(call.rep_role.as_str())
+    .bind(&call.rep_team)
+    .fetch_one(&mut **tx)
+    .await
+}
+
 /// Loads a call with its transcript, or `None` if it does not exist.
 pub async fn call_for_analysis(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<CallForAnalysis>> {
     let row = sqlx::query(
-        "SELECT c.id, c.rep_email, c.rep_role, t.full_text, t.transcript_hash
+        "SELECT c.id, c.rep_email, c.rep_id, c.rep_role, t.full_text, t.transcript_hash
          FROM calls c JOIN transcripts t ON t.call_id = c.id WHERE c.id = $1",
     )
     .bind(id)
@@ -143,6 +184,7 @@ pub async fn call_for_analysis(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<C
         Ok(CallForAnalysis {
             id: r.get("id"),
             rep_email: r.get("rep_email"),
+            rep_id: r.get("rep_id"),
             rep_role: role
                 .parse()
                 .map_err(|e: String| sqlx::Error::Decode(e.into()))?,

@@ -145,6 +145,12 @@ pub struct CallInput {
     pub speakers: Vec<SpeakerInput>,
     /// The rep being coached.
     pub rep_email: String,
+    /// The rep's name (default: the internal speaker with `rep_email`, else its local part).
+    #[serde(default)]
+    pub rep_name: Option<String>,
+    /// The rep's team, if known.
+    #[serde(default)]
+    pub rep_team: Option<String>,
     /// The rep's role; selects the rubric.
     pub rep_role: Role,
     /// The transcript, in order.

@@ -452,6 +452,13 @@ impl BenchRun {
             .bind(&like)
             .execute(&self.pg)
             .await?;
+        sqlx::query(
+            "DELETE FROM reps r WHERE lower(email) = $1
+             AND NOT EXISTS (SELECT 1 FROM calls c WHERE c.rep_id = r.id)",
+        )
+        .bind(BENCH_REP_EMAIL)
+        .execute(&self.pg)
+        .await?;
         sqlx::query("DELETE FROM coaching_rubrics WHERE version LIKE $1")
             .bind(&like)
             .execute(&self.pg)
@@ -881,6 +888,9 @@ impl PromptTexts {
     }
 }
 
+/// The rep of every bench call (its row is deleted with the bench's calls).
+const BENCH_REP_EMAIL: &str = "bench-rep@example.com";
+
 /// A call of the workload carrying `utterances`.
 fn call_input(tag: &str, i: usize, utterances: Vec<Utterance>) -> CallInput {
     CallInput {
@@ -891,7 +901,9 @@ fn call_input(tag: &str, i: usize, utterances: Vec<Utterance>) -> CallInput {
         scheduled_at: chrono::Utc::now(),
         duration_seconds: Some(1_800),
         speakers: vec![],
-        rep_email: "bench-rep@example.com".into(),
+        rep_email: BENCH_REP_EMAIL.into(),
+        rep_name: None,
+        rep_team: None,
         rep_role: BENCH_ROLE,
         transcript: utterances,
     }
@@ -936,7 +948,6 @@ fn seed_of(tag: &str, n: u64) -> u64 {
     let digest = crate::model::sha256_hex(&format!("{tag}:{n}"));
     u64::from_str_radix(&digest[..16], 16).unwrap_or(1) | 1
 }
-
 
 /// About `chars` characters of sentences starting with `head`.
 fn prose(head: &str, chars: usize, seed: u64) -> String {

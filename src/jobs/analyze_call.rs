@@ -522,8 +522,8 @@ async fn insert_session(
     let session_id = Uuid::now_v7();
     sqlx::query(
         "INSERT INTO coaching_sessions (id, call_id, rep_email, dimension, rubric_version, cache_key,
-             score, result, analysis_run_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             score, result, analysis_run_id, rep_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(session_id)
     .bind(run.call.id)
@@ -534,6 +534,7 @@ async fn insert_session(
     .bind(i32::from(result.score))
     .bind(result_json)
     .bind(run_id)
+    .bind(run.call.rep_id)
     .execute(&mut **tx)
     .await?;
     Ok(session_id)

@@ -12,4 +12,5 @@ mod pipeline;
 mod proxy;
 mod queue;
 mod rate_limit;
+mod reps;
 mod sdk;
