@@ -23,6 +23,7 @@ pub fn pool(url: &str, max_connections: u32, acquire_timeout: Duration) -> anyho
 /// Applies pending migrations and loads the seed rubrics and knowledge base (idempotent).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying migrations")?;
+    crate::performance::apply(pool).await?;
     seed(pool).await
 }
 

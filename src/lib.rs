@@ -27,6 +27,7 @@ pub mod jobs;
 pub mod ledger;
 pub mod llm;
 pub mod model;
+pub mod performance;
 pub mod queue;
 pub mod rate_limit;
 pub mod supervise;

@@ -329,7 +329,7 @@ impl CoachingCache {
     /// Reads the durable tier.
     pub async fn pg_get(&self, key: &CacheKey) -> anyhow::Result<Option<CoachingResult>> {
         let row: Option<serde_json::Value> =
-            sqlx::query_scalar("SELECT result FROM coaching_cache WHERE cache_key = $1")
+            sqlx::query_scalar("SELECT result FROM get_cached_coaching_session($1)")
                 .bind(key.to_string())
                 .fetch_optional(&self.pg)
                 .await?;

@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod ledger;
 mod llm;
+mod performance;
 mod pipeline;
 mod proxy;
 mod queue;

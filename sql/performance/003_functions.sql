@@ -1,0 +1,33 @@
+-- Read-path functions called by callcoach's Rust code. CREATE OR REPLACE keeps them current.
+
+-- The durable cache tier's read (CoachingCache::pg_get): primary-key lookup.
+CREATE OR REPLACE FUNCTION get_cached_coaching_session(p_cache_key text)
+RETURNS TABLE (result jsonb, session_id uuid, model text, created_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT c.result, c.session_id, c.model, c.created_at
+    FROM coaching_cache c WHERE c.cache_key = p_cache_key
+$$;
+
+-- One rep's sessions of the last p_days days, per dimension (index-only scan on
+-- coaching_sessions_rep_dim_created_idx).
+CREATE OR REPLACE FUNCTION get_rep_performance_summary(p_rep_id uuid, p_days integer)
+RETURNS TABLE (dimension text, sessions bigint, avg_score numeric, min_score integer,
+               max_score integer, last_coached timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT s.dimension, count(*), round(avg(s.score), 2), min(s.score), max(s.score),
+           max(s.created_at)
+    FROM coaching_sessions s
+    WHERE s.rep_id = p_rep_id AND s.created_at >= now() - make_interval(days => p_days)
+    GROUP BY s.dimension
+    ORDER BY s.dimension
+$$;
+
+-- Refreshes mv_rep_performance without blocking readers; returns the time taken.
+CREATE OR REPLACE FUNCTION refresh_rep_performance_view()
+RETURNS interval LANGUAGE plpgsql AS $$
+DECLARE
+    started timestamptz := clock_timestamp();
+BEGIN
+    REFRESH MATERIALIZED VIEW CONCURRENTLY mv_rep_performance;
+    RETURN clock_timestamp() - started;
+END $$;

@@ -1,0 +1,229 @@
+//! Database performance objects: the indexes, materialized views and functions in
+//! `sql/performance/`, applied (idempotently) by `callcoach migrate` and `callcoach db
+//! optimize`, and verified object by object.
+//!
+//! The SQL files are the single source of truth: [`expected`] reads the names of the objects
+//! they create from the files themselves, so adding an index to a file adds it to the
+//! verification.
+
+use serde::Serialize;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+/// The files of `sql/performance/`, in the order they are applied.
+const FILES: &[(&str, &str)] = &[
+    (
+        "001_indexes.sql",
+        include_str!("../sql/performance/001_indexes.sql"),
+    ),
+    (
+        "002_views.sql",
+        include_str!("../sql/performance/002_views.sql"),
+    ),
+    (
+        "003_functions.sql",
+        include_str!("../sql/performance/003_functions.sql"),
+    ),
+];
+
+/// What kind of object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// An index.
+    Index,
+    /// A materialized view.
+    MaterializedView,
+    /// A function.
+    Function,
+}
+
+/// One expected object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Expected {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: Kind,
+}
+
+/// The objects `sql/performance/` creates, read from its `CREATE` statements.
+pub fn expected() -> Vec<Expected> {
+    let patterns = [
+        ("CREATE INDEX IF NOT EXISTS ", Kind::Index),
+        ("CREATE UNIQUE INDEX IF NOT EXISTS ", Kind::Index),
+        (
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS ",
+            Kind::MaterializedView,
+        ),
+        ("CREATE OR REPLACE FUNCTION ", Kind::Function),
+    ];
+    FILES
+        .iter()
+        .flat_map(|(_, sql)| sql.lines())
+        .filter_map(|line| {
+            patterns.iter().find_map(|(prefix, kind)| {
+                let rest = line.trim_start().strip_prefix(prefix)?;
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                Some(Expected { name, kind: *kind })
+            })
+        })
+        .collect()
+}
+
+/// Applies every file (each is idempotent).
+pub async fn apply(pool: &PgPool) -> anyhow::Result<()> {
+    for (name, sql) in FILES {
+        sqlx::raw_sql(*sql)
+            .execute(pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("applying sql/performance/{name}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The state of one expected object.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ObjectStatus {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: Kind,
+    /// `ok`, `missing` or `invalid` (an index left unusable by a failed build).
+    pub status: &'static str,
+    /// Size on disk in bytes (indexes and views).
+    pub bytes: Option<i64>,
+    /// Index scans since statistics were reset.
+    pub scans: Option<i64>,
+}
+
+impl ObjectStatus {
+    /// Whether the object is usable.
+    pub fn ok(&self) -> bool {
+        self.status == "ok"
+    }
+}
+
+/// Checks every expected object; changes nothing.
+pub async fn verify(pool: &PgPool) -> anyhow::Result<Vec<ObjectStatus>> {
+    let mut out = Vec::new();
+    for e in expected() {
+        out.push(status_of(pool, e).await?);
+    }
+    Ok(out)
+}
+
+async fn status_of(pool: &PgPool, e: Expected) -> sqlx::Result<ObjectStatus> {
+    let (status, bytes, scans) = match e.kind {
+        Kind::Function => {
+            let found: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                                WHERE n.nspname = current_schema() AND p.proname = $1)",
+            )
+            .bind(&e.name)
+            .fetch_one(pool)
+            .await?;
+            (if found { "ok" } else { "missing" }, None, None)
+        }
+        Kind::Index | Kind::MaterializedView => {
+            let row = sqlx::query(
+                "SELECT c.oid::regclass::text, pg_relation_size(c.oid) AS bytes,
+                        i.indisvalid, s.idx_scan
+                 FROM pg_class c
+                 LEFT JOIN pg_index i ON i.indexrelid = c.oid
+                 LEFT JOIN pg_stat_all_indexes s ON s.indexrelid = c.oid
+                 WHERE c.relname = $1 AND c.relnamespace = current_schema()::regnamespace",
+            )
+            .bind(&e.name)
+            .fetch_optional(pool)
+            .await?;
+            match row {
+                None => ("missing", None, None),
+                Some(r) => {
+                    let valid: Option<bool> = r.get("indisvalid");
+                    let status = if valid == Some(false) {
+                        "invalid"
+                    } else {
+                        "ok"
+                    };
+                    (status, Some(r.get("bytes")), r.get("idx_scan"))
+                }
+            }
+        }
+    };
+    Ok(ObjectStatus {
+        name: e.name,
+        kind: e.kind,
+        status,
+        bytes,
+        scans,
+    })
+}
+
+/// One dimension of a rep's performance summary.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DimensionSummary {
+    /// Dimension.
+    pub dimension: String,
+    /// Sessions in the window.
+    pub sessions: i64,
+    /// Average score, two decimals.
+    pub avg_score: f64,
+    /// Lowest score.
+    pub min_score: i32,
+    /// Highest score.
+    pub max_score: i32,
+}
+
+/// `get_rep_performance_summary(rep, days)`: the rep's sessions of the last `days` days by
+/// dimension.
+pub async fn rep_performance_summary(
+    pool: &PgPool,
+    rep_id: Uuid,
+    days: i32,
+) -> sqlx::Result<Vec<DimensionSummary>> {
+    let rows = sqlx::query(
+        "SELECT dimension, sessions, avg_score::float8 AS avg_score, min_score, max_score
+         FROM get_rep_performance_summary($1, $2)",
+    )
+    .bind(rep_id)
+    .bind(days)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| DimensionSummary {
+            dimension: r.get("dimension"),
+            sessions: r.get("sessions"),
+            avg_score: r.get("avg_score"),
+            min_score: r.get("min_score"),
+            max_score: r.get("max_score"),
+        })
+        .collect())
+}
+
+/// `refresh_rep_performance_view()`: refreshes `mv_rep_performance` without blocking readers.
+pub async fn refresh_rep_performance(pool: &PgPool) -> sqlx::Result<()> {
+    sqlx::query("SELECT refresh_rep_performance_view()")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_expected_objects_come_from_the_files() {
+        let names: Vec<(String, Kind)> = expected().into_iter().map(|e| (e.name, e.kind)).collect();
+        assert!(names.contains(&("coaching_sessions_rep_dim_created_idx".into(), Kind::Index)));
+        assert!(names.contains(&("mv_rep_performance_rep_idx".into(), Kind::Index)));
+        assert!(names.contains(&("mv_rep_performance".into(), Kind::MaterializedView)));
+        assert!(names.contains(&("get_rep_performance_summary".into(), Kind::Function)));
+        assert!(names.iter().all(|(n, _)| !n.is_empty()));
+    }
+}

@@ -1,0 +1,139 @@
+//! `sql/performance`: objects verified after migrate, the read functions against
+//! hand-computed values, and a concurrent view refresh that does not block readers.
+
+use crate::helpers::{TestApp, sample_call, spawn_app};
+use callcoach::performance;
+use uuid::Uuid;
+
+/// A session of the call's rep, `days_ago` days old.
+async fn session(app: &TestApp, call_id: Uuid, dimension: &str, score: i32, days_ago: i32) {
+    sqlx::query(
+        "INSERT INTO coaching_sessions (id, call_id, rep_email, rep_id, dimension, rubric_version,
+             cache_key, score, result, created_at)
+         SELECT $1, c.id, c.rep_email, c.rep_id, $2, '1', 'k-' || $1::text, $3, '{}'::jsonb,
+                now() - make_interval(days => $4)
+         FROM calls c WHERE c.id = $5",
+    )
+    .bind(Uuid::now_v7())
+    .bind(dimension)
+    .bind(score)
+    .bind(days_ago)
+    .bind(call_id)
+    .execute(&app.app.pg)
+    .await
+    .unwrap();
+}
+
+async fn rep_of(app: &TestApp, call_id: Uuid) -> Uuid {
+    sqlx::query_scalar("SELECT rep_id FROM calls WHERE id = $1")
+        .bind(call_id)
+        .fetch_one(&app.app.pg)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn verify_finds_every_object_and_names_a_dropped_one() {
+    let app = spawn_app().await;
+    let report = performance::verify(&app.app.pg).await.unwrap();
+    assert_eq!(report.len(), performance::expected().len());
+    assert!(report.iter().all(|o| o.ok()), "{report:?}");
+    sqlx::query("DROP INDEX coaching_sessions_rep_dim_created_idx")
+        .execute(&app.app.pg)
+        .await
+        .unwrap();
+    let report = performance::verify(&app.app.pg).await.unwrap();
+    let broken: Vec<_> = report.iter().filter(|o| !o.ok()).collect();
+    assert_eq!(broken.len(), 1, "{report:?}");
+    assert_eq!(broken[0].name, "coaching_sessions_rep_dim_created_idx");
+    assert_eq!(broken[0].status, "missing");
+    performance::apply(&app.app.pg).await.unwrap();
+    let report = performance::verify(&app.app.pg).await.unwrap();
+    assert!(report.iter().all(|o| o.ok()), "{report:?}");
+}
+
+#[tokio::test]
+async fn the_rep_summary_and_view_match_hand_computed_values() {
+    let app = spawn_app().await;
+    let call = app.ingest(&sample_call("perf-1")).await;
+    let other = app.ingest(&sample_call("perf-2")).await;
+    let rep = rep_of(&app, call).await;
+    for (dim, score, days) in [
+        ("discovery", 60, 1),
+        ("discovery", 81, 10),
+        ("discovery", 30, 200),
+        ("engagement", 70, 5),
+    ] {
+        session(&app, call, dim, score, days).await;
+    }
+    session(&app, other, "engagement", 90, 2).await;
+    let summary = performance::rep_performance_summary(&app.app.pg, rep, 90)
+        .await
+        .unwrap();
+    let rows: Vec<(String, i64, f64, i32, i32)> = summary
+        .into_iter()
+        .map(|d| {
+            (
+                d.dimension,
+                d.sessions,
+                d.avg_score,
+                d.min_score,
+                d.max_score,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("discovery".into(), 2, 70.5, 60, 81),
+            ("engagement".into(), 2, 80.0, 70, 90)
+        ],
+        "the 200-day-old session is outside 90 days"
+    );
+    performance::refresh_rep_performance(&app.app.pg)
+        .await
+        .unwrap();
+    type ViewRow = (i64, i64, f64, Option<f64>, Option<f64>, Option<f64>);
+    let view: ViewRow = sqlx::query_as(
+        "SELECT total_calls, total_sessions, avg_score::float8, avg_discovery::float8,
+                avg_engagement::float8, avg_product_knowledge::float8
+         FROM mv_rep_performance WHERE rep_id = $1",
+    )
+    .bind(rep)
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    // (60 + 81 + 30 + 70 + 90) / 5 = 66.2; discovery (60 + 81 + 30) / 3 = 57.0
+    assert_eq!(view, (2, 5, 66.2, Some(57.0), Some(80.0), None));
+}
+
+#[tokio::test]
+async fn a_concurrent_refresh_does_not_block_readers() {
+    let app = spawn_app().await;
+    app.ingest(&sample_call("perf-refresh")).await;
+    let read_while = |refresh: &'static str| {
+        let pg = app.app.pg.clone();
+        async move {
+            let mut writer = pg.begin().await.unwrap();
+            sqlx::query(refresh).execute(&mut *writer).await.unwrap();
+            let mut reader = pg.acquire().await.unwrap();
+            sqlx::query("SET lock_timeout = '300ms'")
+                .execute(&mut *reader)
+                .await
+                .unwrap();
+            let read = sqlx::query("SELECT count(*) FROM mv_rep_performance")
+                .execute(&mut *reader)
+                .await;
+            writer.rollback().await.unwrap();
+            read.is_ok()
+        }
+    };
+    assert!(
+        read_while("SELECT refresh_rep_performance_view()").await,
+        "readers go on during the concurrent refresh"
+    );
+    assert!(
+        !read_while("REFRESH MATERIALIZED VIEW mv_rep_performance").await,
+        "a plain refresh would have blocked them"
+    );
+}
