@@ -236,7 +236,10 @@ async fn each_run_stores_its_usage_cost_and_counterfactuals() {
                 cache_read_tokens, output_tokens, service_tier, cost_usd,
                 cost_without_prompt_cache_usd, cost_without_session_cache_usd,
                 cost_without_caching_usd
-         FROM analysis_runs WHERE call_id = $1 ORDER BY created_at, id",
+         FROM analysis_runs WHERE call_id = $1
+         -- The two LLM runs (discovery first: the hit is discovery's), then the hit; the two
+         -- dimensions of the first analysis run concurrently, so time does not order them.
+         ORDER BY source = 'llm' DESC, dimension = 'discovery' DESC, created_at",
     )
     .bind(call_id)
     .fetch_all(&app.app.pg)
@@ -260,7 +263,7 @@ async fn each_run_stores_its_usage_cost_and_counterfactuals() {
         assert!(close(*no_prompt, uncached) && close(*none, uncached));
         assert!(close(*no_session, *usd));
     }
-    let first = &rows[0];
+    let first = &rows[0]; // discovery's LLM run
     let hit = &rows[2];
     assert_eq!(hit.0, "redis");
     assert_eq!(
