@@ -937,7 +937,6 @@ fn seed_of(tag: &str, n: u64) -> u64 {
     u64::from_str_radix(&digest[..16], 16).unwrap_or(1) | 1
 }
 
-
 /// About `chars` characters of sentences starting with `head`.
 fn prose(head: &str, chars: usize, seed: u64) -> String {
     let mut rng = XorShift(seed);
