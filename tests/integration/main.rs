@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod ledger;
 mod llm;
+mod partitions;
 mod pipeline;
 mod proxy;
 mod queue;
