@@ -20,11 +20,108 @@ pub fn pool(url: &str, max_connections: u32, acquire_timeout: Duration) -> anyho
         .context("DATABASE_URL is not a valid Postgres URL")
 }
 
-/// Applies pending migrations and loads the seed rubrics and knowledge base (idempotent).
+/// Applies pending migrations, keeps the `coaching_sessions` partitions of the current month
+/// and [`PARTITION_MONTHS_AHEAD`] more (moving their rows out of the default partition), and
+/// loads the seed rubrics and knowledge base (idempotent).
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     MIGRATOR.run(pool).await.context("applying migrations")?;
+    // Here and not only in a migration: a database migrated long ago gets its months ahead
+    // each time the application migrates, not only when a new migration lands.
+    maintain_partitions(pool, PARTITION_MONTHS_AHEAD)
+        .await
+        .context("maintaining coaching_sessions partitions")?
+        .log();
     crate::performance::apply(pool).await?;
     seed(pool).await
+}
+
+/// How many months past the current one get their `coaching_sessions` partition ahead of time.
+pub const PARTITION_MONTHS_AHEAD: i32 = 3;
+
+/// How long partition upkeep waits for a lock before it gives a month up until the next run.
+/// Waiting longer would hold every query that reads the default partition in the lock queue
+/// behind it.
+const PARTITION_LOCK_TIMEOUT: &str = "5s";
+
+/// What [`maintain_partitions`] did: the `jsonb` returned by `maintain_coaching_partitions`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionReport {
+    /// Partitions created, in month order.
+    pub created: Vec<CreatedPartition>,
+    /// Months whose partition could not be created; their rows stay in the default partition
+    /// and the next run tries again.
+    pub failed: Vec<FailedPartition>,
+}
+
+/// A `coaching_sessions` partition created by [`maintain_partitions`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedPartition {
+    /// Table name, `coaching_sessions_YYYY_MM`.
+    pub partition: String,
+    /// First day of its month (bounds are UTC).
+    pub month: chrono::NaiveDate,
+    /// Rows moved into it from the default partition.
+    pub moved_rows: i64,
+}
+
+/// A month [`maintain_partitions`] could not give its partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedPartition {
+    /// The table name it would have had.
+    pub partition: String,
+    /// First day of the month.
+    pub month: chrono::NaiveDate,
+    /// Postgres error code (`55P03` when a lock was not obtained in time).
+    pub sqlstate: String,
+    /// Postgres error message.
+    pub error: String,
+}
+
+impl PartitionReport {
+    /// Whether the run changed nothing and nothing failed.
+    pub fn is_empty(&self) -> bool {
+        self.created.is_empty() && self.failed.is_empty()
+    }
+
+    /// Rows moved out of the default partition, over every created partition.
+    pub fn moved_rows(&self) -> i64 {
+        self.created.iter().map(|p| p.moved_rows).sum()
+    }
+
+    /// Logs each created partition, and each failure as a warning.
+    pub fn log(&self) {
+        for p in &self.created {
+            tracing::info!(partition = %p.partition, moved_rows = p.moved_rows,
+                "created a coaching_sessions partition");
+        }
+        for f in &self.failed {
+            tracing::warn!(partition = %f.partition, sqlstate = %f.sqlstate, error = %f.error,
+                "could not create a coaching_sessions partition; its rows stay in the default");
+        }
+    }
+}
+
+/// Runs `maintain_coaching_partitions(months_ahead)` (migration `20261202000003`) in its own
+/// transaction with a lock timeout: creates the partitions of the current month and
+/// `months_ahead` more, and gives every month the default partition holds rows of its own
+/// partition, moving those rows. Idempotent; a month whose locks are not obtained in time is
+/// reported in [`PartitionReport::failed`], not returned as an error.
+pub async fn maintain_partitions(
+    pool: &PgPool,
+    months_ahead: i32,
+) -> sqlx::Result<PartitionReport> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(PARTITION_LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    let report: sqlx::types::Json<PartitionReport> =
+        sqlx::query_scalar("SELECT maintain_coaching_partitions($1)")
+            .bind(months_ahead)
+            .fetch_one(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok(report.0)
 }
 
 /// Inserts the rubrics and knowledge base shipped in `jobs/seed/`, each entry unless its

@@ -8,6 +8,7 @@ mod faults;
 mod helpers;
 mod ledger;
 mod llm;
+mod partitions;
 mod performance;
 mod pipeline;
 mod proxy;
