@@ -10,6 +10,7 @@
 pub mod analyze_call;
 pub mod collect_batch;
 pub mod invalidate_rubric;
+pub mod maintenance;
 pub mod registry;
 
 use crate::{
@@ -36,6 +37,7 @@ use uuid::Uuid;
 pub use analyze_call::AnalyzeCall;
 pub use collect_batch::CollectBatch;
 pub use invalidate_rubric::InvalidateRubric;
+pub use maintenance::{MaintainTables, RefreshRepPerformance};
 pub use registry::{Backoff, JobKind, JobOptions};
 
 /// Everything a job may use, shared by all jobs of a worker.

@@ -6,7 +6,10 @@
 //! To add a kind: implement [`Job`] (name, options, `perform`) in its own file and add one
 //! `JobKind::of::<YourJob>()` line below.
 
-use super::{AnalyzeCall, CollectBatch, InvalidateRubric, Job, JobContext, JobError, Noop};
+use super::{
+    AnalyzeCall, CollectBatch, InvalidateRubric, Job, JobContext, JobError, MaintainTables, Noop,
+    RefreshRepPerformance,
+};
 use crate::{delivery::Lane, queue::NewJob};
 use futures::future::BoxFuture;
 use std::time::Duration;
@@ -131,6 +134,8 @@ pub const REGISTRY: &[JobKind] = &[
     JobKind::of::<AnalyzeCall>(),
     JobKind::of::<CollectBatch>(),
     JobKind::of::<InvalidateRubric>(),
+    JobKind::of::<RefreshRepPerformance>(),
+    JobKind::of::<MaintainTables>(),
     JobKind::of::<Noop>(),
 ];
 

@@ -137,3 +137,44 @@ async fn a_concurrent_refresh_does_not_block_readers() {
         "a plain refresh would have blocked them"
     );
 }
+
+#[tokio::test]
+async fn the_upkeep_jobs_refresh_the_view_and_partition_what_the_default_holds() {
+    use callcoach::jobs::{Job, MaintainTables, RefreshRepPerformance};
+    let mut app = spawn_app().await;
+    let call = app.ingest(&sample_call("perf-jobs")).await;
+    let rep = rep_of(&app, call).await;
+    session(&app, call, "discovery", 64, 0).await;
+    session(&app, call, "engagement", 50, -800).await; // about 26 months ahead
+    app.start_worker();
+    let refresh = app
+        .app
+        .queue
+        .enqueue(RefreshRepPerformance {}.to_job().unwrap())
+        .await
+        .unwrap();
+    let maintain = app
+        .app
+        .queue
+        .enqueue(MaintainTables {}.to_job().unwrap())
+        .await
+        .unwrap();
+    for job_id in [refresh.job_id, maintain.job_id] {
+        let job = app.wait_for_job(job_id, 30).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    let sessions: i64 =
+        sqlx::query_scalar("SELECT total_sessions FROM mv_rep_performance WHERE rep_id = $1")
+            .bind(rep)
+            .fetch_one(&app.app.pg)
+            .await
+            .unwrap();
+    assert_eq!(sessions, 2);
+    let in_default: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM coaching_sessions WHERE tableoid = 'coaching_sessions_default'::regclass",
+    )
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    assert_eq!(in_default, 0, "the far-future row got its own month");
+}
