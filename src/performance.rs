@@ -163,6 +163,41 @@ async fn status_of(pool: &PgPool, e: Expected) -> sqlx::Result<ObjectStatus> {
     })
 }
 
+/// `callcoach db optimize`: applies (unless `verify_only`), verifies, and renders the table
+/// (name, kind, status, size, scans). `Ok(false)` when an object is missing or invalid.
+pub async fn optimize(pool: &PgPool, verify_only: bool) -> anyhow::Result<(String, bool)> {
+    if !verify_only {
+        apply(pool).await?;
+    }
+    let report = verify(pool).await?;
+    let all_ok = report.iter().all(ObjectStatus::ok);
+    Ok((render(&report), all_ok))
+}
+
+/// The verification as a text table.
+pub fn render(report: &[ObjectStatus]) -> String {
+    let mut out = format!(
+        "{:<44} {:<18} {:<8} {:>10} {:>10}\n",
+        "name", "kind", "status", "size", "scans"
+    );
+    for o in report {
+        let kind = match o.kind {
+            Kind::Index => "index",
+            Kind::MaterializedView => "materialized view",
+            Kind::Function => "function",
+        };
+        let size = o
+            .bytes
+            .map_or("-".to_string(), |b| format!("{} kB", (b + 1023) / 1024));
+        let scans = o.scans.map_or("-".to_string(), |s| s.to_string());
+        out.push_str(&format!(
+            "{:<44} {:<18} {:<8} {:>10} {:>10}\n",
+            o.name, kind, o.status, size, scans
+        ));
+    }
+    out
+}
+
 /// One dimension of a rep's performance summary.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DimensionSummary {
@@ -225,5 +260,29 @@ mod tests {
         assert!(names.contains(&("mv_rep_performance".into(), Kind::MaterializedView)));
         assert!(names.contains(&("get_rep_performance_summary".into(), Kind::Function)));
         assert!(names.iter().all(|(n, _)| !n.is_empty()));
+    }
+
+    #[test]
+    fn the_table_shows_each_object_and_its_state() {
+        let report = [
+            ObjectStatus {
+                name: "some_idx".into(),
+                kind: Kind::Index,
+                status: "missing",
+                bytes: None,
+                scans: None,
+            },
+            ObjectStatus {
+                name: "some_fn".into(),
+                kind: Kind::Function,
+                status: "ok",
+                bytes: None,
+                scans: None,
+            },
+        ];
+        let table = render(&report);
+        assert_eq!(table.lines().count(), 3);
+        assert!(table.lines().nth(1).unwrap().contains("missing"));
+        assert!(table.lines().nth(2).unwrap().starts_with("some_fn"));
     }
 }
