@@ -240,6 +240,42 @@ pub async fn rep_performance_summary(
         .collect())
 }
 
+/// One source of answers in [`cache_statistics`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SourceStatistics {
+    /// `llm`, `redis` or `postgres`.
+    pub source: String,
+    /// Analysis runs.
+    pub runs: i64,
+    /// Their share of all runs, 0-1.
+    pub share: f64,
+    /// Paid.
+    pub cost_usd: f64,
+    /// What they would have cost without any caching.
+    pub cost_without_caching_usd: f64,
+}
+
+/// `get_cache_statistics(days)`: where the last `days` days' answers came from, and the cost.
+pub async fn cache_statistics(pool: &PgPool, days: i32) -> sqlx::Result<Vec<SourceStatistics>> {
+    let rows = sqlx::query(
+        "SELECT source, runs, share::float8 AS share, cost_usd, cost_without_caching_usd
+         FROM get_cache_statistics($1)",
+    )
+    .bind(days)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| SourceStatistics {
+            source: r.get("source"),
+            runs: r.get("runs"),
+            share: r.get("share"),
+            cost_usd: r.get("cost_usd"),
+            cost_without_caching_usd: r.get("cost_without_caching_usd"),
+        })
+        .collect())
+}
+
 /// `refresh_rep_performance_view()`: refreshes `mv_rep_performance` without blocking readers.
 pub async fn refresh_rep_performance(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("SELECT refresh_rep_performance_view()")

@@ -31,3 +31,30 @@ BEGIN
     REFRESH MATERIALIZED VIEW CONCURRENTLY mv_rep_performance;
     RETURN clock_timestamp() - started;
 END $$;
+
+-- The cache's effect over the last p_days days, by where answers came from (llm, redis,
+-- postgres): runs, their share, what was paid and what it would have cost without caching.
+-- Index-only scan on analysis_runs_created_source_idx.
+CREATE OR REPLACE FUNCTION get_cache_statistics(p_days integer)
+RETURNS TABLE (source text, runs bigint, share numeric, cost_usd double precision,
+               cost_without_caching_usd double precision)
+LANGUAGE sql STABLE AS $$
+    SELECT r.source, count(*),
+           round(count(*) / sum(count(*)) OVER (), 4),
+           sum(r.cost_usd), sum(r.cost_without_caching_usd)
+    FROM analysis_runs r
+    WHERE r.created_at >= now() - make_interval(days => p_days)
+    GROUP BY r.source
+    ORDER BY r.source
+$$;
+
+-- How each index of the schema is used (ops: "SELECT * FROM get_index_usage_stats()").
+CREATE OR REPLACE FUNCTION get_index_usage_stats()
+RETURNS TABLE (table_name text, index_name text, scans bigint, tuples_read bigint,
+               size_bytes bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT s.relname::text, s.indexrelname::text, s.idx_scan, s.idx_tup_read,
+           pg_relation_size(s.indexrelid)
+    FROM pg_stat_user_indexes s
+    ORDER BY s.relname, s.indexrelname
+$$;

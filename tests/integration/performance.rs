@@ -178,3 +178,43 @@ async fn the_upkeep_jobs_refresh_the_view_and_partition_what_the_default_holds()
     .unwrap();
     assert_eq!(in_default, 0, "the far-future row got its own month");
 }
+
+#[tokio::test]
+async fn cache_statistics_sum_the_runs_by_source() {
+    let app = spawn_app().await;
+    let call = app.ingest(&sample_call("perf-stats")).await;
+    let dims = [
+        callcoach::model::Dimension::Discovery,
+        callcoach::model::Dimension::Engagement,
+    ];
+    app.perform(&app.app, call, &dims).await; // 2 LLM runs
+    app.perform(&app.app, call, &dims).await; // 2 Redis hits
+    app.perform(&app.app, call, &dims[..1]).await; // 1 more
+    let expected: (f64, f64) = sqlx::query_as(
+        "SELECT sum(cost_usd), sum(cost_without_caching_usd) FROM analysis_runs WHERE source = 'llm'",
+    )
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    let stats = performance::cache_statistics(&app.app.pg, 30)
+        .await
+        .unwrap();
+    let rows: Vec<(String, i64, f64)> = stats
+        .iter()
+        .map(|s| (s.source.clone(), s.runs, s.share))
+        .collect();
+    assert_eq!(rows, [("llm".into(), 2, 0.4), ("redis".into(), 3, 0.6)]);
+    assert!((stats[0].cost_usd - expected.0).abs() < 1e-12 && stats[0].cost_usd > 0.0);
+    assert_eq!(stats[1].cost_usd, 0.0);
+    assert!(
+        stats[1].cost_without_caching_usd > 0.0,
+        "hits count what they saved"
+    );
+    let usage: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM get_index_usage_stats() WHERE index_name = 'coaching_cache_pkey'",
+    )
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    assert_eq!(usage, 1);
+}
