@@ -276,6 +276,71 @@ pub async fn cache_statistics(pool: &PgPool, days: i32) -> sqlx::Result<Vec<Sour
         .collect())
 }
 
+/// Filters and page of a call search; every filter is optional.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CallSearch {
+    /// Calls of this rep.
+    pub rep_id: Option<Uuid>,
+    /// About this product.
+    pub product: Option<String>,
+    /// Of this type.
+    pub call_type: Option<String>,
+    /// Scheduled at or after.
+    pub from: Option<chrono::DateTime<chrono::Utc>>,
+    /// Scheduled before.
+    pub to: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last row of the previous page: (scheduled_at, id).
+    pub after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+    /// Page size (1-500).
+    pub limit: i32,
+}
+
+/// One call found by [`search_calls`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CallHit {
+    /// Call id.
+    pub id: Uuid,
+    /// Title.
+    pub title: String,
+    /// Product.
+    pub product: Option<String>,
+    /// Call type.
+    pub call_type: Option<String>,
+    /// When it took place.
+    pub scheduled_at: chrono::DateTime<chrono::Utc>,
+    /// Its rep.
+    pub rep_id: Uuid,
+}
+
+/// `search_calls_optimized(…)`: one page of calls, newest first.
+pub async fn search_calls(pool: &PgPool, s: &CallSearch) -> sqlx::Result<Vec<CallHit>> {
+    let rows = sqlx::query(
+        "SELECT id, title, product, call_type, scheduled_at, rep_id
+         FROM search_calls_optimized($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(s.rep_id)
+    .bind(&s.product)
+    .bind(&s.call_type)
+    .bind(s.from)
+    .bind(s.to)
+    .bind(s.after.map(|(at, _)| at))
+    .bind(s.after.map(|(_, id)| id))
+    .bind(s.limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|r| CallHit {
+            id: r.get("id"),
+            title: r.get("title"),
+            product: r.get("product"),
+            call_type: r.get("call_type"),
+            scheduled_at: r.get("scheduled_at"),
+            rep_id: r.get("rep_id"),
+        })
+        .collect())
+}
+
 /// `refresh_rep_performance_view()`: refreshes `mv_rep_performance` without blocking readers.
 pub async fn refresh_rep_performance(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("SELECT refresh_rep_performance_view()")

@@ -12,9 +12,13 @@ CREATE INDEX IF NOT EXISTS coaching_sessions_rep_dim_created_idx
 CREATE INDEX IF NOT EXISTS coaching_sessions_call_dim_created_idx
     ON coaching_sessions (call_id, dimension, created_at DESC);
 
--- Reads of one rep's calls, newest first (search by rep, rep pages).
+-- search_calls_optimized filtered by rep: one rep's calls, newest first.
 CREATE INDEX IF NOT EXISTS calls_rep_scheduled_idx
     ON calls (rep_id, scheduled_at DESC, id DESC);
+
+-- search_calls_optimized filtered by product (and optionally call type or dates).
+CREATE INDEX IF NOT EXISTS calls_product_scheduled_idx
+    ON calls (product, scheduled_at DESC, id DESC);
 
 -- search_calls_optimized without a rep filter: keyset pagination over (scheduled_at, id).
 CREATE INDEX IF NOT EXISTS calls_scheduled_id_idx

@@ -58,3 +58,39 @@ LANGUAGE sql STABLE AS $$
     FROM pg_stat_user_indexes s
     ORDER BY s.relname, s.indexrelname
 $$;
+
+-- Call search with optional filters and keyset pagination over (scheduled_at, id), newest
+-- first: pass the last row's (scheduled_at, id) as the cursor for the next page. The query is
+-- assembled with only the filters given (bound with USING, never spliced in), so each filter
+-- mix gets its own index: calls_rep_scheduled_idx, calls_product_scheduled_idx or
+-- calls_scheduled_id_idx.
+CREATE OR REPLACE FUNCTION search_calls_optimized(
+    p_rep_id uuid DEFAULT NULL,
+    p_product text DEFAULT NULL,
+    p_call_type text DEFAULT NULL,
+    p_from timestamptz DEFAULT NULL,
+    p_to timestamptz DEFAULT NULL,
+    p_cursor_at timestamptz DEFAULT NULL,
+    p_cursor_id uuid DEFAULT NULL,
+    p_limit integer DEFAULT 50)
+RETURNS TABLE (id uuid, title text, product text, call_type text, scheduled_at timestamptz,
+               rep_id uuid, rep_email text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    q text := 'SELECT c.id, c.title, c.product, c.call_type, c.scheduled_at, c.rep_id, c.rep_email
+               FROM calls c WHERE true';
+BEGIN
+    IF p_rep_id IS NOT NULL THEN q := q || ' AND c.rep_id = $1'; END IF;
+    IF p_product IS NOT NULL THEN q := q || ' AND c.product = $2'; END IF;
+    IF p_call_type IS NOT NULL THEN q := q || ' AND c.call_type = $3'; END IF;
+    IF p_from IS NOT NULL THEN q := q || ' AND c.scheduled_at >= $4'; END IF;
+    IF p_to IS NOT NULL THEN q := q || ' AND c.scheduled_at < $5'; END IF;
+    IF p_cursor_at IS NOT NULL THEN
+        q := q || ' AND (c.scheduled_at, c.id) < ($6, $7)';
+    END IF;
+    q := q || ' ORDER BY c.scheduled_at DESC, c.id DESC LIMIT $8';
+    RETURN QUERY EXECUTE q
+        USING p_rep_id, p_product, p_call_type, p_from, p_to, p_cursor_at,
+              coalesce(p_cursor_id, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid),
+              least(greatest(p_limit, 1), 500);
+END $$;

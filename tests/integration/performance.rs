@@ -218,3 +218,61 @@ async fn cache_statistics_sum_the_runs_by_source() {
     .unwrap();
     assert_eq!(usage, 1);
 }
+
+#[tokio::test]
+async fn call_search_filters_and_pages_by_keyset() {
+    use performance::{CallSearch, search_calls};
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let mut call = sample_call(&format!("search-{n}"));
+        call["scheduled_at"] = serde_json::json!(format!("2026-10-0{}T10:00:00Z", n + 1));
+        call["product"] = serde_json::json!(if n % 2 == 0 {
+            "Lumen Analytics"
+        } else {
+            "Lumen Pipelines"
+        });
+        if n == 4 {
+            call["rep_email"] = serde_json::json!("zed@lumen.example");
+        }
+        ids.push(app.ingest(&call).await);
+    }
+    let page = |after, limit| CallSearch {
+        after,
+        limit,
+        ..CallSearch::default()
+    };
+    let first = search_calls(&app.app.pg, &page(None, 2)).await.unwrap();
+    assert_eq!(
+        first.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [ids[4], ids[3]]
+    );
+    let last = first.last().unwrap();
+    let second = search_calls(&app.app.pg, &page(Some((last.scheduled_at, last.id)), 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        second.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [ids[2], ids[1]]
+    );
+    let analytics = CallSearch {
+        product: Some("Lumen Analytics".into()),
+        limit: 10,
+        ..CallSearch::default()
+    };
+    let found = search_calls(&app.app.pg, &analytics).await.unwrap();
+    assert_eq!(
+        found.iter().map(|c| c.id).collect::<Vec<_>>(),
+        [ids[4], ids[2], ids[0]]
+    );
+    let ana = rep_of(&app, ids[0]).await;
+    let mixed = CallSearch {
+        rep_id: Some(ana),
+        product: Some("Lumen Analytics".into()),
+        from: Some("2026-10-02T00:00:00Z".parse().unwrap()),
+        limit: 10,
+        ..CallSearch::default()
+    };
+    let found = search_calls(&app.app.pg, &mixed).await.unwrap();
+    assert_eq!(found.iter().map(|c| c.id).collect::<Vec<_>>(), [ids[2]]);
+}
