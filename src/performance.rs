@@ -341,6 +341,15 @@ pub async fn search_calls(pool: &PgPool, s: &CallSearch) -> sqlx::Result<Vec<Cal
         .collect())
 }
 
+/// `get_call_with_details(id)`: the call, its rep, speakers, transcript and the latest
+/// coaching per dimension as one JSON document; `None` for an unknown call.
+pub async fn call_details(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<serde_json::Value>> {
+    sqlx::query_scalar("SELECT get_call_with_details($1)")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+}
+
 /// `refresh_rep_performance_view()`: refreshes `mv_rep_performance` without blocking readers.
 pub async fn refresh_rep_performance(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("SELECT refresh_rep_performance_view()")

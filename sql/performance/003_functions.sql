@@ -94,3 +94,36 @@ BEGIN
               coalesce(p_cursor_id, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid),
               least(greatest(p_limit, 1), 500);
 END $$;
+
+-- A call with everything a call page shows, in one round trip: the call, its rep, speakers,
+-- transcript and the latest coaching session per dimension (coaching_sessions_call_dim_created_idx).
+-- NULL when the call does not exist.
+CREATE OR REPLACE FUNCTION get_call_with_details(p_call_id uuid)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT jsonb_build_object(
+        'call', jsonb_build_object(
+            'id', c.id, 'external_id', c.external_id, 'title', c.title, 'product', c.product,
+            'call_type', c.call_type, 'scheduled_at', c.scheduled_at,
+            'duration_seconds', c.duration_seconds, 'rep_role', c.rep_role),
+        'rep', jsonb_build_object('id', r.id, 'name', r.name, 'email', r.email,
+                                  'role', r.role, 'team', r.team),
+        'speakers', coalesce((
+            SELECT jsonb_agg(jsonb_build_object('name', s.name, 'email', s.email,
+                                                'role', s.role, 'company_side', s.company_side)
+                             ORDER BY s.id)
+            FROM speakers s WHERE s.call_id = c.id), '[]'::jsonb),
+        'transcript', (SELECT jsonb_build_object('hash', t.transcript_hash,
+                                                 'utterances', t.utterances)
+                       FROM transcripts t WHERE t.call_id = c.id),
+        'coaching', coalesce((
+            SELECT jsonb_agg(jsonb_build_object(
+                       'dimension', l.dimension, 'score', l.score,
+                       'rubric_version', l.rubric_version, 'result', l.result,
+                       'created_at', l.created_at) ORDER BY l.dimension)
+            FROM (SELECT DISTINCT ON (cs.dimension) cs.dimension, cs.score, cs.rubric_version,
+                         cs.result, cs.created_at
+                  FROM coaching_sessions cs WHERE cs.call_id = c.id
+                  ORDER BY cs.dimension, cs.created_at DESC) l), '[]'::jsonb))
+    FROM calls c JOIN reps r ON r.id = c.rep_id
+    WHERE c.id = p_call_id
+$$;

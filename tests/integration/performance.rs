@@ -276,3 +276,48 @@ async fn call_search_filters_and_pages_by_keyset() {
     let found = search_calls(&app.app.pg, &mixed).await.unwrap();
     assert_eq!(found.iter().map(|c| c.id).collect::<Vec<_>>(), [ids[2]]);
 }
+
+#[tokio::test]
+async fn call_details_hold_the_call_its_rep_and_the_latest_coaching_per_dimension() {
+    let app = spawn_app().await;
+    let call = app.ingest(&sample_call("details")).await;
+    session(&app, call, "discovery", 40, 3).await;
+    session(&app, call, "discovery", 75, 1).await;
+    session(&app, call, "engagement", 66, 2).await;
+    let details = performance::call_details(&app.app.pg, call)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(details["call"]["id"], call.to_string());
+    assert_eq!(details["rep"]["name"], "Ana Rep");
+    assert_eq!(details["speakers"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        details["transcript"]["utterances"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    let coaching: Vec<(String, i64)> = details["coaching"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["dimension"].as_str().unwrap().to_string(),
+                c["score"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        coaching,
+        [("discovery".into(), 75), ("engagement".into(), 66)],
+        "the newest session of each dimension"
+    );
+    assert_eq!(
+        performance::call_details(&app.app.pg, Uuid::now_v7())
+            .await
+            .unwrap(),
+        None
+    );
+}
