@@ -350,6 +350,28 @@ pub async fn call_details(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<serde_
         .await
 }
 
+/// `maintain_performance_tables()`, then VACUUM (ANALYZE) of each table it reports with many
+/// dead rows. The names come from the catalog, quoted by the server (`regclass::text`).
+pub async fn maintain_tables(pool: &PgPool) -> anyhow::Result<serde_json::Value> {
+    let mut report: serde_json::Value = sqlx::query_scalar("SELECT maintain_performance_tables()")
+        .fetch_one(pool)
+        .await?;
+    let tables: Vec<String> = report["vacuum"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str().map(str::to_string))
+        .collect();
+    for table in &tables {
+        let statement = format!("VACUUM (ANALYZE) {table}");
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(pool)
+            .await?;
+    }
+    report["vacuumed"] = serde_json::json!(tables);
+    Ok(report)
+}
+
 /// `refresh_rep_performance_view()`: refreshes `mv_rep_performance` without blocking readers.
 pub async fn refresh_rep_performance(pool: &PgPool) -> sqlx::Result<()> {
     sqlx::query("SELECT refresh_rep_performance_view()")

@@ -127,3 +127,32 @@ RETURNS jsonb LANGUAGE sql STABLE AS $$
     FROM calls c JOIN reps r ON r.id = c.rep_id
     WHERE c.id = p_call_id
 $$;
+
+-- Table upkeep (the maintain_tables job): keeps coaching_sessions partitions ahead (moving
+-- rows out of the default), ANALYZEs tables changed by more than 10 % since their last
+-- analysis, and returns which tables have more than 20 % dead rows so the caller VACUUMs them
+-- (VACUUM cannot run inside a function). Returns
+-- {"partitions": …, "analyzed": [...], "vacuum": [quoted table names]}.
+CREATE OR REPLACE FUNCTION maintain_performance_tables()
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    partitions jsonb := maintain_coaching_partitions(3);
+    analyzed jsonb := '[]'::jsonb;
+    t record;
+BEGIN
+    FOR t IN
+        SELECT s.relid::regclass::text AS name
+        FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+        WHERE s.n_mod_since_analyze > greatest(50, 0.1 * c.reltuples)
+    LOOP
+        EXECUTE format('ANALYZE %s', t.name);
+        analyzed := analyzed || to_jsonb(t.name);
+    END LOOP;
+    RETURN jsonb_build_object(
+        'partitions', partitions,
+        'analyzed', analyzed,
+        'vacuum', coalesce((
+            SELECT jsonb_agg(s.relid::regclass::text ORDER BY s.relid::regclass::text)
+            FROM pg_stat_user_tables s
+            WHERE s.n_dead_tup > greatest(100, 0.2 * s.n_live_tup)), '[]'::jsonb));
+END $$;

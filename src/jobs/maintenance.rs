@@ -2,11 +2,12 @@
 //! jobs enqueue KIND` runs them now):
 //! - `refresh_rep_performance`: refreshes `mv_rep_performance` concurrently (readers are
 //!   never blocked).
-//! - `maintain_tables`: keeps the `coaching_sessions` partitions of the coming months and
-//!   moves rows out of the default partition into their month.
+//! - `maintain_tables`: `maintain_performance_tables()` (partitions of the coming months,
+//!   rows moved out of the default partition, ANALYZE where rows changed), then VACUUM of the
+//!   tables it names (VACUUM cannot run inside a function).
 
 use super::{Job, JobContext, JobError, JobOptions};
-use crate::{db, delivery::Lane, performance};
+use crate::{delivery::Lane, performance};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -44,10 +45,9 @@ impl Job for MaintainTables {
     const OPTIONS: JobOptions = UPKEEP;
 
     async fn perform(self, _: Uuid, ctx: &JobContext) -> Result<serde_json::Value, JobError> {
-        let report = db::maintain_partitions(&ctx.pg, db::PARTITION_MONTHS_AHEAD)
+        let report = performance::maintain_tables(&ctx.pg)
             .await
-            .map_err(|e| JobError::Retry(e.into()))?;
-        report.log();
-        Ok(serde_json::json!({ "partitions": report }))
+            .map_err(JobError::Retry)?;
+        Ok(report)
     }
 }

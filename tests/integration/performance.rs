@@ -321,3 +321,51 @@ async fn call_details_hold_the_call_its_rep_and_the_latest_coaching_per_dimensio
         None
     );
 }
+
+#[tokio::test]
+async fn table_upkeep_analyzes_changed_tables_and_vacuums_dead_rows() {
+    let app = spawn_app().await;
+    let mut conn = app.app.pg.acquire().await.unwrap();
+    sqlx::query(
+        "INSERT INTO coaching_cache (cache_key, dimension, transcript_hash, role, rubric_version,
+             fingerprint, result, model)
+         SELECT 'k' || n, 'discovery', 'h', 'ae', '1', 'f', '{}'::jsonb, 'm'
+         FROM generate_series(1, 400) n",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM coaching_cache WHERE cache_key LIKE 'k%'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let mut report = serde_json::Value::Null;
+    for _ in 0..20 {
+        report = performance::maintain_tables(&app.app.pg).await.unwrap();
+        if !report["vacuumed"].as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let has = |list: &str| {
+        report[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "coaching_cache")
+    };
+    assert!(has("vacuumed"), "{report}");
+    let dead: i64 = sqlx::query_scalar(
+        "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'coaching_cache'",
+    )
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    assert!(dead < 100, "vacuumed: {dead} dead rows left");
+    assert!(report["partitions"].is_object(), "{report}");
+}
