@@ -14,3 +14,4 @@ mod queue;
 mod rate_limit;
 mod reps;
 mod sdk;
+mod seed;
