@@ -11,7 +11,9 @@
 //!
 //! Loading: a generator thread renders rows straight into `COPY … FROM STDIN` text format in
 //! chunks of [`CALLS_PER_CHUNK`] calls (with their sessions), and the async side streams each
-//! chunk over one connection inside one transaction: a failed seed leaves nothing behind.
+//! chunk over two connections in parallel, each inside one transaction (reps, calls,
+//! speakers and transcripts on one; sessions and cache rows, which reference no table, on
+//! the other), committed at the end: a seed that fails while loading leaves nothing behind.
 //! Sessions older than the monthly partitions land in `coaching_sessions_default`, as any row
 //! outside the partitions does.
 
@@ -24,7 +26,9 @@ use crate::{
     model::{Dimension, Role, Utterance, normalized_transcript, sha256_hex},
 };
 use anyhow::{Context, bail};
-use chrono::{DateTime, Datelike, Duration as ChronoDuration, TimeZone, Utc, Weekday};
+use chrono::{
+    DateTime, Datelike, Duration as ChronoDuration, DurationRound, TimeZone, Utc, Weekday,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{
     Rng, SeedableRng,
@@ -35,7 +39,7 @@ use rand::{
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::Write as _,
     time::Instant,
 };
@@ -183,6 +187,9 @@ pub struct SeedReport {
     pub elapsed_secs: f64,
     /// Sessions per second over the whole seed.
     pub sessions_per_sec: f64,
+    /// Seconds spent in each table's `COPY` statements (the rest is generation, reps,
+    /// commit and `ANALYZE`).
+    pub copy_secs: BTreeMap<&'static str, f64>,
 }
 
 /// Generates and loads the data described by `options` into a migrated database.
@@ -253,14 +260,39 @@ pub async fn seed(
         last_call_at: None,
         elapsed_secs: 0.0,
         sessions_per_sec: 0.0,
+        copy_secs: BTreeMap::new(),
     };
+    // Calls, speakers and transcripts on this transaction (the calls reference the reps it
+    // inserted); sessions and cache rows, which reference no table, on a second one in
+    // parallel, so both cores' worth of Postgres work at once.
+    let mut sessions_tx = pool.begin().await?;
     let copied: anyhow::Result<()> = async {
         while let Some(chunk) = receiver.recv().await {
-            report.calls += copy(&mut tx, CALLS_COPY, &chunk.calls).await?;
-            report.speakers += copy(&mut tx, SPEAKERS_COPY, &chunk.speakers).await?;
-            report.transcripts += copy(&mut tx, TRANSCRIPTS_COPY, &chunk.transcripts).await?;
-            report.sessions += copy(&mut tx, SESSIONS_COPY, &chunk.sessions).await?;
-            report.cache_entries += copy(&mut tx, CACHE_COPY, &chunk.cache).await?;
+            let (calls, sessions) = tokio::try_join!(
+                copy_tables(
+                    &mut tx,
+                    [
+                        ("calls", CALLS_COPY, &chunk.calls),
+                        ("speakers", SPEAKERS_COPY, &chunk.speakers),
+                        ("transcripts", TRANSCRIPTS_COPY, &chunk.transcripts),
+                    ]
+                ),
+                copy_tables(
+                    &mut sessions_tx,
+                    [
+                        ("coaching_sessions", SESSIONS_COPY, &chunk.sessions),
+                        ("coaching_cache", CACHE_COPY, &chunk.cache),
+                    ]
+                ),
+            )?;
+            report.calls += calls[0].1;
+            report.speakers += calls[1].1;
+            report.transcripts += calls[2].1;
+            report.sessions += sessions[0].1;
+            report.cache_entries += sessions[1].1;
+            for (table, _, secs) in calls.into_iter().chain(sessions) {
+                *report.copy_secs.entry(table).or_default() += secs;
+            }
             bars.advance(chunk.call_rows, chunk.session_rows);
         }
         Ok(())
@@ -270,7 +302,10 @@ pub async fn seed(
     drop(receiver);
     let totals = producer.await.context("seed generator panicked")?;
     copied?;
+    // Calls first: should the second commit fail, the calls stand without sessions rather
+    // than sessions without calls.
     tx.commit().await?;
+    sessions_tx.commit().await?;
     bars.finish();
 
     // Fresh statistics, so the first queries against the seeded tables plan well.
@@ -282,6 +317,9 @@ pub async fn seed(
     report.first_call_at = totals.first_call_at;
     report.last_call_at = totals.last_call_at;
     report.elapsed_secs = round3(started.elapsed().as_secs_f64());
+    for secs in report.copy_secs.values_mut() {
+        *secs = round3(*secs);
+    }
     report.sessions_per_sec = if report.elapsed_secs > 0.0 {
         (report.sessions as f64 / report.elapsed_secs).round()
     } else {
@@ -442,6 +480,20 @@ const SESSIONS_COPY: &str = "COPY coaching_sessions (id, call_id, rep_email, rep
      rubric_version, cache_key, score, result, created_at) FROM STDIN";
 const CACHE_COPY: &str = "COPY coaching_cache (cache_key, dimension, transcript_hash, role, \
      rubric_version, fingerprint, result, session_id, model, created_at) FROM STDIN";
+
+/// Copies each `(table, statement, data)` in turn; returns `(table, rows, seconds)` each.
+async fn copy_tables<const N: usize>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    tables: [(&'static str, &str, &Vec<u8>); N],
+) -> anyhow::Result<Vec<(&'static str, u64, f64)>> {
+    let mut done = Vec::with_capacity(N);
+    for (table, statement, data) in tables {
+        let at = Instant::now();
+        let rows = copy(tx, statement, data).await?;
+        done.push((table, rows, at.elapsed().as_secs_f64()));
+    }
+    Ok(done)
+}
 
 /// Streams `data` (COPY text format) with `statement`; returns the rows copied.
 async fn copy(
@@ -832,6 +884,9 @@ impl Generator {
             .single()
             .unwrap_or(day);
         let latest = self.now - ChronoDuration::hours(3);
+        let latest = latest
+            .duration_trunc(ChronoDuration::minutes(15))
+            .unwrap_or(latest);
         let earliest = self.start;
         at.clamp(earliest, latest)
     }
