@@ -13,6 +13,8 @@
 //! - [`db`]: schema (`sql/migrations`), seed data and queries; [`config`]: typed settings;
 //!   [`telemetry`]: tracing and the metric names; [`rate_limit`]: fleet-wide token buckets and
 //!   budget counters in Redis.
+//! - [`seed`]: `callcoach db seed`, a deterministic generator of realistic calls, reps and
+//!   coaching sessions loaded with `COPY`, for tests and benchmarks.
 //!
 //! [`App::build`] wires it all from [`config::Settings`]; `main` and the tests share it.
 
@@ -30,6 +32,7 @@ pub mod model;
 pub mod performance;
 pub mod queue;
 pub mod rate_limit;
+pub mod seed;
 pub mod supervise;
 pub mod telemetry;
 pub mod worker;

@@ -61,6 +61,41 @@ enum Command {
     /// Benchmarks that print JSON with a baseline measured in the same run.
     #[command(subcommand)]
     Bench(callcoach::bench::BenchCommand),
+    /// Database tools.
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Migrate, then generate realistic reps, calls with transcripts, coaching sessions and
+    /// cache rows (deterministic per seed, loaded with COPY) and print a JSON report.
+    Seed(SeedArgs),
+}
+
+#[derive(clap::Args)]
+struct SeedArgs {
+    /// Calls to generate (each with speakers and a transcript).
+    #[arg(long, default_value_t = 1000)]
+    calls: u64,
+    /// Coaching sessions to generate, spread over the calls.
+    #[arg(long, default_value_t = 10_000)]
+    sessions: u64,
+    /// Reps the calls belong to.
+    #[arg(long, default_value_t = 50)]
+    reps: u32,
+    /// Seed of the generator: the same seed gives the same data.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl SeedArgs {
+    fn options(&self) -> callcoach::seed::SeedOptions {
+        callcoach::seed::SeedOptions::new(self.calls, self.sessions, self.reps, self.seed)
+    }
 }
 
 #[derive(Subcommand)]
@@ -218,6 +253,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::LlmEmulator(args) => return run_emulator(args).await,
         Command::Bench(cmd) => return callcoach::bench::run(cmd).await,
         Command::Demo(args) => return callcoach::demo::run(args).await,
+        // Bad arguments fail before any configuration or connection is needed.
+        Command::Db(DbCommand::Seed(ref args)) => {
+            args.options().validate().map_err(anyhow::Error::msg)?
+        }
         _ => {}
     }
     let mut settings = Settings::from_env()?;
@@ -258,6 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Jobs(cmd) => run_jobs_command(&app, cmd).await,
+        Command::Db(cmd) => run_db_command(&app, cmd).await,
         Command::Apikey(ApikeyCommand::Create { name, scope }) => {
             let key = auth::create_key(&app.pg, &name, scope).await?;
             println!("{}", serde_json::to_string_pretty(&key)?);
@@ -266,6 +306,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::LlmEmulator(_) | Command::Bench(_) | Command::Demo(_) => unreachable!(),
     }
+}
+
+async fn run_db_command(app: &App, cmd: DbCommand) -> anyhow::Result<()> {
+    match cmd {
+        DbCommand::Seed(args) => {
+            db::migrate(&app.pg).await?;
+            let mut options = args.options();
+            // Keys as this deployment's analyses build them, so their lookups hit the seed.
+            options.keys =
+                Some(callcoach::seed::KeyStyle::for_settings(&app.pg, &app.settings).await?);
+            let report = callcoach::seed::seed(&app.pg, &options, !args.quiet).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(())
 }
 
 async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 use crate::helpers::{sample_call, spawn_app};
 use std::process::{Command, Output};
 
-fn callcoach(env: &[(&str, &str)], args: &[&str]) -> Output {
+pub(crate) fn callcoach(env: &[(&str, &str)], args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_callcoach"))
         .args(args)
         .env_clear()
@@ -14,7 +14,7 @@ fn callcoach(env: &[(&str, &str)], args: &[&str]) -> Output {
         .expect("run callcoach")
 }
 
-fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 

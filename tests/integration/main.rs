@@ -16,3 +16,4 @@ mod queue;
 mod rate_limit;
 mod reps;
 mod sdk;
+mod seed;
