@@ -71,6 +71,13 @@ enum DbCommand {
     /// Migrate, then generate realistic reps, calls with transcripts, coaching sessions and
     /// cache rows (deterministic per seed, loaded with COPY) and print a JSON report.
     Seed(SeedArgs),
+    /// Apply `sql/performance` (indexes, views, functions), then verify every object and print
+    /// a table; exits non-zero when anything is missing or invalid.
+    Optimize {
+        /// Only verify; change nothing.
+        #[arg(long)]
+        verify_only: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -318,6 +325,13 @@ async fn run_db_command(app: &App, cmd: DbCommand) -> anyhow::Result<()> {
                 Some(callcoach::seed::KeyStyle::for_settings(&app.pg, &app.settings).await?);
             let report = callcoach::seed::seed(&app.pg, &options, !args.quiet).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        DbCommand::Optimize { verify_only } => {
+            let (table, all_ok) = callcoach::performance::optimize(&app.pg, verify_only).await?;
+            print!("{table}");
+            if !all_ok {
+                anyhow::bail!("database objects missing or invalid (see the table above)");
+            }
         }
     }
     Ok(())

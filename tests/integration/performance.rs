@@ -369,3 +369,36 @@ async fn table_upkeep_analyzes_changed_tables_and_vacuums_dead_rows() {
     assert!(dead < 100, "vacuumed: {dead} dead rows left");
     assert!(report["partitions"].is_object(), "{report}");
 }
+
+#[tokio::test]
+async fn db_optimize_verify_only_fails_after_an_index_is_dropped_and_optimize_repairs_it() {
+    use crate::cli::{callcoach, stderr};
+    let app = spawn_app().await;
+    let env = [
+        ("DATABASE_URL", app.env["DATABASE_URL"].as_str()),
+        ("REDIS_URL", app.env["REDIS_URL"].as_str()),
+    ];
+    let out = callcoach(&env, &["db", "optimize", "--verify-only"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    sqlx::query("DROP INDEX calls_product_scheduled_idx")
+        .execute(&app.app.pg)
+        .await
+        .unwrap();
+    let out = callcoach(&env, &["db", "optimize", "--verify-only"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("calls_product_scheduled_idx"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(line.contains("missing"), "{line}");
+    assert!(
+        stderr(&out).contains("missing or invalid"),
+        "{}",
+        stderr(&out)
+    );
+    let out = callcoach(&env, &["db", "optimize"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = callcoach(&env, &["db", "optimize", "--verify-only"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
