@@ -12,7 +12,7 @@ use crate::{
     db::{self, CallForAnalysis},
     delivery::Lane,
     llm::{
-        self, CacheTtl, CoachingResult, GatewayError, LlmError, ModelTable, PromptInputs, Usage,
+        self, CacheTtl, CoachingResult, GatewayError, LlmError, PromptInputs, Usage,
         cost::{Cost, RunCost},
     },
     model::Dimension,
@@ -154,6 +154,7 @@ pub(super) async fn analyse_dimension(
         source: "llm",
         model: &s.claude_model,
         usage: Usage::default(),
+        cost: Cost::default(),
         started,
         waited: Duration::ZERO,
     };
@@ -162,9 +163,10 @@ pub(super) async fn analyse_dimension(
         .get_or_compute(
             &key,
             || call_llm(ctx, &prompt, input.ttl, &key),
-            |result, usage: &Usage| {
+            |result, &(usage, cost): &(Usage, Cost)| {
                 let run = StoredRun {
-                    usage: *usage,
+                    usage,
+                    cost,
                     ..run.clone()
                 };
                 async move { store(ctx, &run, &result).await.map_err(JobError::Retry) }
@@ -294,7 +296,7 @@ async fn call_llm(
     prompt: &PromptInputs<'_>,
     ttl: CacheTtl,
     key: &CacheKey,
-) -> Result<(CoachingResult, Usage), JobError> {
+) -> Result<(CoachingResult, (Usage, Cost)), JobError> {
     let s = &ctx.settings;
     let request = llm::build_request(&s.prompt_options(ttl), prompt);
     let answer = ctx.llm.send(&request, ttl, &key.to_string()).await;
@@ -310,7 +312,7 @@ async fn call_llm(
     record_usage(&s.claude_model, &answer.response.usage, answer.cost.usd);
     let result =
         llm::parse_coaching(&answer.response.text).map_err(|e| JobError::Fail(e.into()))?;
-    Ok((result, answer.response.usage))
+    Ok((result, (answer.response.usage, answer.cost)))
 }
 
 /// Token and cost metrics of one answer.
@@ -371,6 +373,8 @@ pub(super) struct StoredRun<'a> {
     pub(super) source: &'static str,
     pub(super) model: &'a str,
     pub(super) usage: Usage,
+    /// What the answer cost, as the gateway priced it (zero for a cache hit).
+    pub(super) cost: Cost,
     pub(super) started: Instant,
     pub(super) waited: Duration,
 }
@@ -414,7 +418,7 @@ pub(super) async fn store(
     };
     let stored: CoachingResult = serde_json::from_value(result_json.clone())?;
     let cost = match run.source {
-        "llm" => RunCost::computed(run_cost(run)),
+        "llm" => RunCost::computed(run.cost),
         _ => RunCost::hit(origin),
     };
     let run_id = insert_run(&mut tx, run, &key, &cost).await?;
@@ -454,15 +458,6 @@ pub(super) async fn store(
             .increment(1);
     }
     Ok(stored)
-}
-
-/// What an LLM run paid, priced from the model table (a model missing from the table, which
-/// start-up refuses, would price at zero).
-fn run_cost(run: &StoredRun<'_>) -> Cost {
-    ModelTable::builtin()
-        .get(run.model)
-        .map(|m| Cost::of(m, &run.usage))
-        .unwrap_or_default()
 }
 
 async fn insert_run(

@@ -24,7 +24,7 @@ use crate::{
     cache::CacheKey,
     db::{self, CallForAnalysis},
     delivery::Lane,
-    llm::{self, CacheTtl, GatewayError, ModelTable, batch::BatchOutcome, cost::Cost},
+    llm::{self, CacheTtl, GatewayError, batch::BatchOutcome, cost::Cost},
     model::Dimension,
 };
 use anyhow::anyhow;
@@ -113,10 +113,7 @@ impl CollectBatch {
         key: &CacheKey,
         response: &llm::LlmResponse,
     ) -> Result<Option<u8>, JobError> {
-        let cost = ModelTable::builtin()
-            .get(&response.model)
-            .map(|m| Cost::of(m, &response.usage))
-            .unwrap_or_default();
+        let cost = Cost::for_model(&response.model, &response.usage).unwrap_or_default();
         ctx.llm.spend().charge(cost.usd).await;
         let result = match llm::parse_coaching(&response.text) {
             Ok(result) => result,
@@ -132,6 +129,7 @@ impl CollectBatch {
             source: "llm",
             model: &response.model,
             usage: response.usage,
+            cost,
             started: Instant::now(),
             waited: Duration::ZERO,
         };

@@ -9,7 +9,7 @@
 //!   answered from the session cache (Redis or Postgres) paid nothing, but without that
 //!   cache it would have paid what the run that produced the answer paid.
 
-use super::{ServiceTier, Usage, models::ModelInfo};
+use super::{ModelTable, ServiceTier, Usage, models::ModelInfo};
 use serde::{Deserialize, Serialize};
 
 /// Tokens per price unit: prices are USD per million tokens.
@@ -25,6 +25,14 @@ pub struct Cost {
 }
 
 impl Cost {
+    /// Prices `usage` at the rates of the model table's `model_id`; `None` for a model the
+    /// table does not list.
+    pub fn for_model(model_id: &str, usage: &Usage) -> Option<Self> {
+        ModelTable::builtin()
+            .get(model_id)
+            .map(|m| Self::of(m, usage))
+    }
+
     /// Prices `usage` at `model`'s rates.
     pub fn of(model: &ModelInfo, usage: &Usage) -> Self {
         let discount = if usage.service_tier == ServiceTier::Batch {

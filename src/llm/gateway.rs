@@ -18,7 +18,7 @@
 //!    `anthropic-ratelimit-*` headers, and the real cost is charged to the spend guard.
 
 use super::{
-    CacheTtl, LlmClient, LlmError, LlmResponse, ModelTable, PromptRequest,
+    CacheTtl, LlmClient, LlmError, LlmResponse, PromptRequest,
     cost::Cost,
     limits::{AcquireError, FleetLimiter, OverBudget, Reservation, SpendGuard},
 };
@@ -132,10 +132,8 @@ impl Gateway {
             Err(_) => self.gate.release(&request.prefixes, &claim).await,
         }
         let response = result?;
-        let cost = ModelTable::builtin()
-            .get(&response.model)
-            .or_else(|| ModelTable::builtin().get(request_model(request)))
-            .map(|m| Cost::of(m, &response.usage))
+        let cost = Cost::for_model(&response.model, &response.usage)
+            .or_else(|| Cost::for_model(request_model(request), &response.usage))
             .unwrap_or_default();
         self.spend.charge(cost.usd).await;
         Ok(Answer { response, cost })
