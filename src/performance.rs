@@ -199,7 +199,7 @@ pub fn render(report: &[ObjectStatus]) -> String {
 }
 
 /// One dimension of a rep's performance summary.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 pub struct DimensionSummary {
     /// Dimension.
     pub dimension: String,
@@ -220,28 +220,18 @@ pub async fn rep_performance_summary(
     rep_id: Uuid,
     days: i32,
 ) -> sqlx::Result<Vec<DimensionSummary>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT dimension, sessions, avg_score::float8 AS avg_score, min_score, max_score
          FROM get_rep_performance_summary($1, $2)",
     )
     .bind(rep_id)
     .bind(days)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| DimensionSummary {
-            dimension: r.get("dimension"),
-            sessions: r.get("sessions"),
-            avg_score: r.get("avg_score"),
-            min_score: r.get("min_score"),
-            max_score: r.get("max_score"),
-        })
-        .collect())
+    .await
 }
 
 /// One source of answers in [`cache_statistics`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 pub struct SourceStatistics {
     /// `llm`, `redis` or `postgres`.
     pub source: String,
@@ -257,23 +247,13 @@ pub struct SourceStatistics {
 
 /// `get_cache_statistics(days)`: where the last `days` days' answers came from, and the cost.
 pub async fn cache_statistics(pool: &PgPool, days: i32) -> sqlx::Result<Vec<SourceStatistics>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT source, runs, share::float8 AS share, cost_usd, cost_without_caching_usd
          FROM get_cache_statistics($1)",
     )
     .bind(days)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| SourceStatistics {
-            source: r.get("source"),
-            runs: r.get("runs"),
-            share: r.get("share"),
-            cost_usd: r.get("cost_usd"),
-            cost_without_caching_usd: r.get("cost_without_caching_usd"),
-        })
-        .collect())
+    .await
 }
 
 /// Filters and page of a call search; every filter is optional.
@@ -296,7 +276,7 @@ pub struct CallSearch {
 }
 
 /// One call found by [`search_calls`].
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 pub struct CallHit {
     /// Call id.
     pub id: Uuid,
@@ -314,7 +294,7 @@ pub struct CallHit {
 
 /// `search_calls_optimized(…)`: one page of calls, newest first.
 pub async fn search_calls(pool: &PgPool, s: &CallSearch) -> sqlx::Result<Vec<CallHit>> {
-    let rows = sqlx::query(
+    sqlx::query_as(
         "SELECT id, title, product, call_type, scheduled_at, rep_id
          FROM search_calls_optimized($1, $2, $3, $4, $5, $6, $7, $8)",
     )
@@ -327,18 +307,7 @@ pub async fn search_calls(pool: &PgPool, s: &CallSearch) -> sqlx::Result<Vec<Cal
     .bind(s.after.map(|(_, id)| id))
     .bind(s.limit)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .iter()
-        .map(|r| CallHit {
-            id: r.get("id"),
-            title: r.get("title"),
-            product: r.get("product"),
-            call_type: r.get("call_type"),
-            scheduled_at: r.get("scheduled_at"),
-            rep_id: r.get("rep_id"),
-        })
-        .collect())
+    .await
 }
 
 /// `get_call_with_details(id)`: the call, its rep, speakers, transcript and the latest
