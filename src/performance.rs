@@ -230,6 +230,50 @@ pub async fn rep_performance_summary(
     .await
 }
 
+/// One rep's row of `mv_rep_performance` (as of its last refresh).
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct RepPerformance {
+    /// Rep id.
+    pub rep_id: Uuid,
+    /// Rep name.
+    pub rep_name: String,
+    /// Rep e-mail.
+    pub rep_email: String,
+    /// Calls of the rep.
+    pub total_calls: i64,
+    /// Coaching sessions of the rep.
+    pub total_sessions: i64,
+    /// Average score over every dimension; `None` without sessions.
+    pub avg_score: Option<f64>,
+    /// Average product_knowledge score.
+    pub avg_product_knowledge: Option<f64>,
+    /// Average discovery score.
+    pub avg_discovery: Option<f64>,
+    /// Average objection_handling score.
+    pub avg_objection_handling: Option<f64>,
+    /// Average engagement score.
+    pub avg_engagement: Option<f64>,
+    /// Newest session.
+    pub last_coached: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The columns of [`RepPerformance`] as selected from `mv_rep_performance`.
+const REP_PERFORMANCE_COLUMNS: &str = "rep_id, rep_name, rep_email, total_calls, total_sessions,
+    avg_score::float8 AS avg_score, avg_product_knowledge::float8 AS avg_product_knowledge,
+    avg_discovery::float8 AS avg_discovery,
+    avg_objection_handling::float8 AS avg_objection_handling,
+    avg_engagement::float8 AS avg_engagement, last_coached";
+
+/// One rep's precomputed performance from `mv_rep_performance` (unique index on rep_id);
+/// `None` for a rep the view does not hold yet.
+pub async fn rep_performance(pool: &PgPool, rep_id: Uuid) -> sqlx::Result<Option<RepPerformance>> {
+    let sql = format!("SELECT {REP_PERFORMANCE_COLUMNS} FROM mv_rep_performance WHERE rep_id = $1");
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(rep_id)
+        .fetch_optional(pool)
+        .await
+}
+
 /// One source of answers in [`cache_statistics`].
 #[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
 pub struct SourceStatistics {
