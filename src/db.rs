@@ -165,8 +165,8 @@ pub async fn insert_call(pool: &PgPool, call: &CallInput) -> sqlx::Result<(Uuid,
     let rep_id = upsert_rep(&mut tx, call).await?;
     let inserted: Option<Uuid> = sqlx::query_scalar(
         "INSERT INTO calls (id, external_id, title, product, call_type, scheduled_at,
-                            duration_seconds, rep_email, rep_role, rep_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                            duration_seconds, rep_email, rep_role, rep_id, tags, metadata)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
          ON CONFLICT (external_id) DO NOTHING RETURNING id",
     )
     .bind(id)
@@ -179,6 +179,8 @@ pub async fn insert_call(pool: &PgPool, call: &CallInput) -> sqlx::Result<(Uuid,
     .bind(&call.rep_email)
     .bind(call.rep_role.as_str())
     .bind(rep_id)
+    .bind(call.normalized_tags())
+    .bind(sqlx::types::Json(call.metadata.clone().unwrap_or_default()))
     .fetch_optional(&mut *tx)
     .await?;
     let Some(id) = inserted else {

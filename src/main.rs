@@ -130,6 +130,12 @@ enum JobsCommand {
         /// Only jobs with this status (queued, running, succeeded, failed, cancelled, snoozed).
         #[arg(long)]
         status: Option<JobState>,
+        /// Only jobs of this kind (see `jobs kinds`).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only jobs about this call.
+        #[arg(long)]
+        call: Option<Uuid>,
         /// How many.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
@@ -345,10 +351,29 @@ async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
     };
     match cmd {
         JobsCommand::Show { id } => {
-            println!("{}", serde_json::to_string_pretty(&existing(id).await?)?);
+            let mut shown = serde_json::to_value(existing(id).await?)?;
+            shown["analysis_runs"] =
+                serde_json::to_value(callcoach::performance::job_runs(&app.pg, id).await?)?;
+            println!("{}", serde_json::to_string_pretty(&shown)?);
         }
-        JobsCommand::List { status, limit } => {
-            for job in ledger::jobs(&app.pg, status, limit).await? {
+        JobsCommand::List {
+            status,
+            kind,
+            call,
+            limit,
+        } => {
+            if let Some(kind) = kind.as_deref().filter(|k| registry::find(k).is_none()) {
+                anyhow::bail!(
+                    "unknown job kind {kind:?}; registered kinds: {}",
+                    registry::names().join(", ")
+                );
+            }
+            let filter = ledger::JobFilter {
+                state: status,
+                kind,
+                call_id: call,
+            };
+            for job in ledger::jobs(&app.pg, &filter, limit).await? {
                 let error = job.last_error.unwrap_or_default();
                 let error: String = error.chars().take(60).collect();
                 println!(

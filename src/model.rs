@@ -155,10 +155,26 @@ pub struct CallInput {
     pub rep_role: Role,
     /// The transcript, in order.
     pub transcript: Vec<Utterance>,
+    /// Short labels to search calls by (lower-cased and deduplicated at ingest).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The producer's own attributes (CRM ids, deal stage, region…), a JSON object searched by
+    /// containment.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Largest transcript accepted, in characters of normalized text.
 pub const MAX_TRANSCRIPT_CHARS: usize = 400_000;
+
+/// Most tags a call may carry.
+pub const MAX_TAGS: usize = 20;
+
+/// Longest tag, in characters.
+pub const MAX_TAG_CHARS: usize = 64;
+
+/// Largest `metadata` object accepted, in bytes of JSON.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 impl CallInput {
     /// Checks what serde cannot: non-empty fields, sane sizes, known speaker sides.
@@ -200,7 +216,40 @@ impl CallInput {
                 "transcript exceeds {MAX_TRANSCRIPT_CHARS} characters"
             ));
         }
+        self.validate_attributes()
+    }
+
+    /// Checks `tags` and `metadata`.
+    fn validate_attributes(&self) -> Result<(), String> {
+        if self.tags.len() > MAX_TAGS {
+            return Err(format!(
+                "tags: at most {MAX_TAGS} allowed, got {}",
+                self.tags.len()
+            ));
+        }
+        if let Some((i, _)) = self.tags.iter().enumerate().find(|(_, t)| {
+            let t = t.trim();
+            t.is_empty() || t.chars().count() > MAX_TAG_CHARS
+        }) {
+            return Err(format!("tags[{i}] must be 1 to {MAX_TAG_CHARS} characters"));
+        }
+        let metadata_bytes = self.metadata.as_ref().map_or(0, |m| {
+            serde_json::to_string(m).map_or(usize::MAX, |s| s.len())
+        });
+        if metadata_bytes > MAX_METADATA_BYTES {
+            return Err(format!(
+                "metadata exceeds {MAX_METADATA_BYTES} bytes of JSON"
+            ));
+        }
         Ok(())
+    }
+
+    /// The tags as stored: trimmed, lower-cased, sorted, without duplicates.
+    pub fn normalized_tags(&self) -> Vec<String> {
+        let mut tags: Vec<String> = self.tags.iter().map(|t| t.trim().to_lowercase()).collect();
+        tags.sort();
+        tags.dedup();
+        tags
     }
 }
 

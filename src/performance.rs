@@ -57,6 +57,7 @@ pub fn expected() -> Vec<Expected> {
             Kind::MaterializedView,
         ),
         ("CREATE OR REPLACE FUNCTION ", Kind::Function),
+        ("SELECT register_hot_index('", Kind::Index),
     ];
     FILES
         .iter()
@@ -313,6 +314,12 @@ pub struct CallSearch {
     pub from: Option<chrono::DateTime<chrono::Utc>>,
     /// Scheduled before.
     pub to: Option<chrono::DateTime<chrono::Utc>>,
+    /// Carrying all these tags (compared lower-cased).
+    pub tags: Option<Vec<String>>,
+    /// Whose metadata contains this JSON object.
+    pub metadata: Option<serde_json::Value>,
+    /// With a participant of this e-mail address (case-insensitive).
+    pub participant: Option<String>,
     /// The last row of the previous page: (scheduled_at, id).
     pub after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
     /// Page size (1-500).
@@ -334,19 +341,29 @@ pub struct CallHit {
     pub scheduled_at: chrono::DateTime<chrono::Utc>,
     /// Its rep.
     pub rep_id: Uuid,
+    /// Its tags.
+    pub tags: Vec<String>,
 }
 
 /// `search_calls_optimized(…)`: one page of calls, newest first.
 pub async fn search_calls(pool: &PgPool, s: &CallSearch) -> sqlx::Result<Vec<CallHit>> {
+    let tags = s.tags.as_ref().map(|t| {
+        t.iter()
+            .map(|t| t.trim().to_lowercase())
+            .collect::<Vec<_>>()
+    });
     sqlx::query_as(
-        "SELECT id, title, product, call_type, scheduled_at, rep_id
-         FROM search_calls_optimized($1, $2, $3, $4, $5, $6, $7, $8)",
+        "SELECT id, title, product, call_type, scheduled_at, rep_id, tags
+         FROM search_calls_optimized($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(s.rep_id)
     .bind(&s.product)
     .bind(&s.call_type)
     .bind(s.from)
     .bind(s.to)
+    .bind(tags)
+    .bind(s.metadata.as_ref().map(sqlx::types::Json))
+    .bind(&s.participant)
     .bind(s.after.map(|(at, _)| at))
     .bind(s.after.map(|(_, id)| id))
     .bind(s.limit)
@@ -357,32 +374,352 @@ pub async fn search_calls(pool: &PgPool, s: &CallSearch) -> sqlx::Result<Vec<Cal
 /// `get_call_with_details(id)`: the call, its rep, speakers, transcript and the latest
 /// coaching per dimension as one JSON document; `None` for an unknown call.
 pub async fn call_details(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<serde_json::Value>> {
-    sqlx::query_scalar("SELECT get_call_with_details($1)")
+    sqlx::query_scalar(CALL_DETAILS_SQL)
         .bind(id)
-        .fetch_one(pool)
+        .fetch_optional(pool)
         .await
 }
 
-/// `maintain_performance_tables()`, then VACUUM (ANALYZE) of each table it reports with many
-/// dead rows. The names come from the catalog, quoted by the server (`regclass::text`).
+/// The statement of [`call_details`].
+pub const CALL_DETAILS_SQL: &str = "SELECT details FROM get_call_with_details($1)";
+
+/// Weekly average of one dimension's scores, all reps (`get_score_trends`).
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct WeeklyScore {
+    /// Monday of the week (UTC).
+    pub week: chrono::NaiveDate,
+    /// Sessions that week.
+    pub sessions: i64,
+    /// Their average score.
+    pub avg_score: f64,
+}
+
+/// Weekly averages of one dimension, oldest first: of every rep (`get_score_trends`) or of one
+/// (`get_rep_score_trends`).
+pub async fn score_trends(
+    pool: &PgPool,
+    dimension: &str,
+    days: i32,
+    rep_id: Option<Uuid>,
+) -> sqlx::Result<Vec<WeeklyScore>> {
+    // The rep goes last so both statements bind dimension and days as $1 and $2.
+    let query = match rep_id {
+        None => sqlx::query_as(
+            "SELECT week, sessions, avg_score::float8 AS avg_score
+             FROM get_score_trends($1, $2)",
+        ),
+        Some(_) => sqlx::query_as(
+            "SELECT week, sessions, avg_score::float8 AS avg_score
+             FROM get_rep_score_trends($3, $1, $2)",
+        ),
+    };
+    let query = query.bind(dimension).bind(days);
+    match rep_id {
+        None => query.fetch_all(pool).await,
+        Some(rep) => query.bind(rep).fetch_all(pool).await,
+    }
+}
+
+/// Sessions scoring below this are listed by [`coaching_opportunities`]; the partial index
+/// coaching_sessions_needs_work_idx has the same constant in its predicate.
+pub const NEEDS_WORK_BELOW: i32 = 60;
+
+/// One coaching session in a rep's history.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct SessionItem {
+    /// Session id.
+    pub id: Uuid,
+    /// The call analysed.
+    pub call_id: Uuid,
+    /// Dimension.
+    pub dimension: String,
+    /// Score.
+    pub score: i32,
+    /// When it was stored.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The statement of [`rep_sessions`]: $1 rep, $2/$3 cursor (created_at, id), $4 limit.
+pub const REP_SESSIONS_SQL: &str = "SELECT id, call_id, dimension, score, created_at
+     FROM coaching_sessions
+     WHERE rep_id = $1 AND (created_at, id) < ($2, $3)
+     ORDER BY created_at DESC, id DESC LIMIT $4";
+
+/// A rep's coaching history, newest first: pass the last item's (created_at, id) as `after`
+/// for the next page (coaching_sessions_rep_created_idx).
+pub async fn rep_sessions(
+    pool: &PgPool,
+    rep_id: Uuid,
+    after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+    limit: i64,
+) -> sqlx::Result<Vec<SessionItem>> {
+    let (at, id) = after.unwrap_or((chrono::DateTime::<chrono::Utc>::MAX_UTC, Uuid::max()));
+    sqlx::query_as(REP_SESSIONS_SQL)
+        .bind(rep_id)
+        .bind(at)
+        .bind(id)
+        .bind(limit.clamp(1, 500))
+        .fetch_all(pool)
+        .await
+}
+
+/// The statement of [`coaching_opportunities`]: $1 rep, $2 limit.
+pub const COACHING_OPPORTUNITIES_SQL: &str = "SELECT id, call_id, dimension, score, created_at
+     FROM coaching_sessions
+     WHERE rep_id = $1 AND score < 60
+     ORDER BY created_at DESC LIMIT $2";
+
+/// A rep's newest sessions scoring below [`NEEDS_WORK_BELOW`]: the calls to review with the
+/// rep (coaching_sessions_needs_work_idx).
+pub async fn coaching_opportunities(
+    pool: &PgPool,
+    rep_id: Uuid,
+    limit: i64,
+) -> sqlx::Result<Vec<SessionItem>> {
+    sqlx::query_as(COACHING_OPPORTUNITIES_SQL)
+        .bind(rep_id)
+        .bind(limit.clamp(1, 500))
+        .fetch_all(pool)
+        .await
+}
+
+/// The statement of [`leaderboard`]: $1 limit.
+pub const LEADERBOARD_SQL: &str = "SELECT rep_id, rep_name, rep_email, total_calls,
+     total_sessions, avg_score::float8 AS avg_score,
+     avg_product_knowledge::float8 AS avg_product_knowledge,
+     avg_discovery::float8 AS avg_discovery,
+     avg_objection_handling::float8 AS avg_objection_handling,
+     avg_engagement::float8 AS avg_engagement, last_coached
+     FROM mv_rep_performance ORDER BY avg_score DESC NULLS LAST, rep_id LIMIT $1";
+
+/// The best reps by average score, from `mv_rep_performance` (a few hundred rows: a top-N sort
+/// of the view beats any index).
+pub async fn leaderboard(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<RepPerformance>> {
+    sqlx::query_as(LEADERBOARD_SQL)
+        .bind(limit.clamp(1, 500))
+        .fetch_all(pool)
+        .await
+}
+
+/// A rep as listed by [`list_reps`].
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct RepItem {
+    /// Rep id.
+    pub id: Uuid,
+    /// Name.
+    pub name: String,
+    /// E-mail.
+    pub email: String,
+    /// ae, se or csm.
+    pub role: String,
+    /// Team.
+    pub team: Option<String>,
+}
+
+/// Which reps [`list_reps`] lists.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RepFilter {
+    /// Active reps of this team (reps_team_name_idx).
+    pub team: Option<String>,
+    /// With this role (with `team`).
+    pub role: Option<crate::model::Role>,
+    /// Whose name starts with this, case-insensitive (reps_name_prefix_idx).
+    pub name_prefix: Option<String>,
+}
+
+/// Reps by name: a team's active reps, or every rep whose name starts with a prefix.
+pub async fn list_reps(pool: &PgPool, f: &RepFilter, limit: i64) -> sqlx::Result<Vec<RepItem>> {
+    let mut q = sqlx::QueryBuilder::new("SELECT id, name, email, role, team FROM reps WHERE true");
+    if let Some(team) = &f.team {
+        q.push(" AND active AND team = ").push_bind(team.clone());
+    }
+    if let Some(role) = f.role {
+        q.push(" AND role = ").push_bind(role.as_str());
+    }
+    if let Some((low, high)) = f.name_prefix.as_deref().and_then(prefix_range) {
+        // A range rather than LIKE: a parameterized LIKE cannot use the index in a generic
+        // plan, a range on the text_pattern_ops operators can.
+        q.push(" AND lower(name) ~>=~ ")
+            .push_bind(low)
+            .push(" AND lower(name) ~<~ ")
+            .push_bind(high);
+    }
+    q.push(" ORDER BY name, id LIMIT ")
+        .push_bind(limit.clamp(1, 500));
+    q.build_query_as().fetch_all(pool).await
+}
+
+/// The byte-wise range of lower-cased names starting with `prefix`: `[prefix, next)` where
+/// `next` is the prefix with its last character incremented; `None` for an empty prefix.
+fn prefix_range(prefix: &str) -> Option<(String, String)> {
+    let low = prefix.to_lowercase();
+    let mut chars: Vec<char> = low.chars().collect();
+    while let Some(last) = chars.pop() {
+        if let Some(next) = char::from_u32(u32::from(last) + 1) {
+            chars.push(next);
+            return Some((low, chars.into_iter().collect()));
+        }
+    }
+    None
+}
+
+/// One analysis run of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+pub struct JobRun {
+    /// Dimension analysed.
+    pub dimension: String,
+    /// llm, redis or postgres.
+    pub source: String,
+    /// Model that answered (LLM runs).
+    pub model: Option<String>,
+    /// Paid.
+    pub cost_usd: f64,
+    /// Duration.
+    pub duration_ms: i64,
+    /// When.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// The statement of [`job_runs`].
+pub const JOB_RUNS_SQL: &str = "SELECT dimension, source, model, cost_usd, duration_ms, created_at
+     FROM analysis_runs WHERE job_id = $1 ORDER BY created_at";
+
+/// The analysis runs a job made, oldest first (analysis_runs_job_idx).
+pub async fn job_runs(pool: &PgPool, job_id: Uuid) -> sqlx::Result<Vec<JobRun>> {
+    sqlx::query_as(JOB_RUNS_SQL)
+        .bind(job_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// How many days of analysis runs and cache counters `maintain_tables` keeps.
+pub const RETENTION_DAYS: i32 = 400;
+
+/// How long the swap of a rebuilt hot index waits for its table lock before giving up (the
+/// next run tries again); while it waits, other queries on the table queue behind it.
+const SWAP_LOCK_TIMEOUT: &str = "2s";
+
+/// `maintain_performance_tables()` (partitions, retention, ANALYZE), then what a function
+/// cannot do: VACUUM (ANALYZE) of each table it reports with many dead rows, and the rebuild
+/// of each hot partial index whose cutoff fell behind (see [`roll_hot_index`]). Table names
+/// come from the catalog, quoted by the server (`regclass::text`).
 pub async fn maintain_tables(pool: &PgPool) -> anyhow::Result<serde_json::Value> {
-    let mut report: serde_json::Value = sqlx::query_scalar("SELECT maintain_performance_tables()")
-        .fetch_one(pool)
-        .await?;
-    let tables: Vec<String> = report["vacuum"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t.as_str().map(str::to_string))
-        .collect();
+    let mut report: serde_json::Value =
+        sqlx::query_scalar("SELECT maintain_performance_tables($1)")
+            .bind(RETENTION_DAYS)
+            .fetch_one(pool)
+            .await?;
+    let names = |key: &str| -> Vec<String> {
+        report[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(str::to_string))
+            .collect()
+    };
+    let (tables, due) = (names("vacuum"), names("hot_indexes_due"));
     for table in &tables {
         let statement = format!("VACUUM (ANALYZE) {table}");
         sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(pool)
             .await?;
     }
+    let mut rolled = Vec::new();
+    for index in &due {
+        rolled.push(roll_hot_index(pool, index).await?);
+    }
     report["vacuumed"] = serde_json::json!(tables);
+    report["hot_indexes_rolled"] = serde_json::json!(rolled);
     Ok(report)
+}
+
+/// A hot partial index rebuilt by [`roll_hot_index`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RolledIndex {
+    /// Index name.
+    pub index: String,
+    /// Its new cutoff, or `None` when the swap's lock was not obtained (the old index stays).
+    pub cutoff: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Rebuilds a hot partial index with the cutoff `window_days` before today: builds
+/// `<name>_next` with CREATE INDEX CONCURRENTLY (writes carry on), then in one transaction
+/// records the new cutoff, drops the old index and renames the new one. Queries reading the
+/// cutoff see either the old cutoff and index or the new ones, never a mix. A leftover
+/// `<name>_next` of an interrupted run is dropped first.
+pub async fn roll_hot_index(pool: &PgPool, index: &str) -> anyhow::Result<RolledIndex> {
+    let next = format!("{index}_next");
+    let (create, cutoff): (String, chrono::DateTime<chrono::Utc>) = sqlx::query_as(
+        "SELECT format(definition, 'CONCURRENTLY', $2::text, c), c
+         FROM hot_indexes, LATERAL (SELECT date_trunc('day', now())
+                                           - make_interval(days => window_days) AS c) _
+         WHERE index_name = $1",
+    )
+    .bind(index)
+    .bind(&next)
+    .fetch_one(pool)
+    .await?;
+    let drop_next = format!("DROP INDEX CONCURRENTLY IF EXISTS {}", quote_ident(&next));
+    sqlx::query(sqlx::AssertSqlSafe(drop_next.clone()))
+        .execute(pool)
+        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(create))
+        .execute(pool)
+        .await?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(SWAP_LOCK_TIMEOUT)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE hot_indexes SET cutoff = $2, rolled_at = now() WHERE index_name = $1")
+        .bind(index)
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?;
+    let swap = format!(
+        "DROP INDEX IF EXISTS {old}; ALTER INDEX {new} RENAME TO {old}",
+        old = quote_ident(index),
+        new = quote_ident(&next)
+    );
+    let swapped = sqlx::raw_sql(sqlx::AssertSqlSafe(swap))
+        .execute(&mut *tx)
+        .await;
+    match swapped {
+        Ok(_) => {
+            tx.commit().await?;
+            Ok(RolledIndex {
+                index: index.to_string(),
+                cutoff: Some(cutoff),
+            })
+        }
+        Err(e) if is_lock_timeout(&e) => {
+            tx.rollback().await?;
+            sqlx::query(sqlx::AssertSqlSafe(drop_next))
+                .execute(pool)
+                .await?;
+            tracing::warn!(
+                index,
+                "hot index swap did not get its lock; the next run retries"
+            );
+            Ok(RolledIndex {
+                index: index.to_string(),
+                cutoff: None,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether an error is Postgres's lock_timeout (55P03, lock_not_available).
+fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "55P03")
+}
+
+/// An identifier quoted for SQL (`"` doubled).
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// `refresh_rep_performance_view()`: refreshes `mv_rep_performance` without blocking readers.
@@ -396,6 +733,27 @@ pub async fn refresh_rep_performance(pool: &PgPool) -> sqlx::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_prefix_becomes_a_half_open_range() {
+        assert_eq!(prefix_range("Al"), Some(("al".into(), "am".into())));
+        assert_eq!(prefix_range("o'z"), Some(("o'z".into(), "o'{".into())));
+        assert_eq!(prefix_range(""), None);
+    }
+
+    #[test]
+    fn the_needs_work_threshold_matches_the_partial_index() {
+        let predicate = format!("score < {NEEDS_WORK_BELOW}");
+        assert!(COACHING_OPPORTUNITIES_SQL.contains(&predicate));
+        let indexes = FILES[0].1;
+        let at = indexes.find("coaching_sessions_needs_work_idx\n").unwrap();
+        assert!(
+            indexes[at..]
+                .lines()
+                .take(3)
+                .any(|l| l.contains(&predicate))
+        );
+    }
 
     #[test]
     fn the_expected_objects_come_from_the_files() {

@@ -14,8 +14,8 @@
 //! chunk over two connections in parallel, each inside one transaction (reps, calls,
 //! speakers and transcripts on one; sessions and cache rows, which reference no table, on
 //! the other), committed at the end: a seed that fails while loading leaves nothing behind.
-//! Sessions older than the monthly partitions land in `coaching_sessions_default`, as any row
-//! outside the partitions does.
+//! Every month of the window gets its `coaching_sessions` partition first (as table upkeep
+//! would give it), so sessions load straight into monthly partitions.
 
 use crate::{
     cache::{CacheKey, fingerprint},
@@ -44,6 +44,23 @@ use std::{
     time::Instant,
 };
 use uuid::Uuid;
+
+/// Creates the `coaching_sessions` partition of every month from `from` to the current one
+/// (months that have one are skipped), committed ahead of the load.
+async fn partition_window(pool: &PgPool, from: DateTime<Utc>) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "SELECT create_coaching_partition(m::date)
+         FROM generate_series(date_trunc('month', $1 AT TIME ZONE 'UTC'),
+                              now() AT TIME ZONE 'UTC', interval '1 month') m",
+    )
+    .bind(from)
+    .fetch_all(&mut *tx)
+    .await
+    .context("creating the seeded months' partitions")?;
+    tx.commit().await?;
+    Ok(())
+}
 
 /// Calls (with their sessions) rendered and copied per chunk.
 pub const CALLS_PER_CHUNK: usize = 500;
@@ -212,6 +229,7 @@ pub async fn seed(
     let active = active_versions(pool).await?;
     let versions = rubric_versions(options);
     let now = Utc::now();
+    partition_window(pool, now - months(MONTHS_BACK)).await?;
 
     let mut tx = pool.begin().await?;
     let first_external = external_id(options.seed, 0);
@@ -472,7 +490,7 @@ async fn insert_rubric_history(
 }
 
 const CALLS_COPY: &str = "COPY calls (id, external_id, title, product, call_type, scheduled_at, \
-     duration_seconds, rep_email, rep_role, rep_id, created_at) FROM STDIN";
+     duration_seconds, rep_email, rep_role, rep_id, tags, metadata, created_at) FROM STDIN";
 const SPEAKERS_COPY: &str = "COPY speakers (call_id, name, email, role, company_side) FROM STDIN";
 const TRANSCRIPTS_COPY: &str =
     "COPY transcripts (call_id, transcript_hash, full_text, utterances, created_at) FROM STDIN";
@@ -835,6 +853,7 @@ impl Generator {
         let ended = scheduled_at + ChronoDuration::seconds(i64::from(duration));
         let created_at = ended + ChronoDuration::seconds(self.rng.random_range(30..1800));
         let created_at = created_at.min(self.now);
+        let (tags, metadata) = self.attributes(kind);
         let mut random = [0u8; 10];
         self.rng.fill(&mut random);
         let id = uuid::Builder::from_unix_timestamp_millis(
@@ -858,7 +877,39 @@ impl Generator {
             hash,
             created_at,
             difficulty: normalish(&mut self.rng) * 4.0,
+            tags,
+            metadata,
         }
+    }
+
+    /// A call's tags and CRM metadata: the account's segment and region, the deal stage the
+    /// call type implies, and a few rarer labels (competitive deals, security reviews,
+    /// expansions, churn risks).
+    fn attributes(&mut self, kind: &CallType) -> (Vec<&'static str>, String) {
+        let segment = match self.rng.random_range(0..100) {
+            0..30 => "enterprise",
+            30..75 => "mid-market",
+            _ => "smb",
+        };
+        let region = match self.rng.random_range(0..100) {
+            0..50 => "na",
+            50..85 => "emea",
+            _ => "apac",
+        };
+        let mut tags = vec![segment];
+        for (tag, pct) in RARE_TAGS {
+            if self.rng.random_range(0..100) < *pct {
+                tags.push(tag);
+            }
+        }
+        tags.sort_unstable();
+        let metadata = serde_json::json!({
+            "crm_opportunity_id": format!("006{:012x}", self.rng.random::<u64>() >> 16),
+            "stage": deal_stage(kind.name),
+            "region": region,
+            "segment": segment,
+        });
+        (tags, metadata.to_string())
     }
 
     /// A weekday business-hours start within the window, denser towards the present (the
@@ -1278,6 +1329,29 @@ struct Call {
     created_at: DateTime<Utc>,
     /// Score offset of the call (a hostile buyer makes every dimension harder).
     difficulty: f64,
+    /// Sorted tags.
+    tags: Vec<&'static str>,
+    /// CRM metadata, JSON.
+    metadata: String,
+}
+
+/// Labels some calls carry, with the percentage of calls carrying each.
+const RARE_TAGS: &[(&str, u32)] = &[
+    ("competitive", 12),
+    ("expansion", 8),
+    ("security-review", 4),
+    ("churn-risk", 2),
+];
+
+/// The deal stage a call of this type belongs to.
+fn deal_stage(call_type: &str) -> &'static str {
+    match call_type {
+        "discovery" => "qualification",
+        "demo" | "technical_deep_dive" | "poc_review" => "evaluation",
+        "negotiation" => "negotiation",
+        "renewal" | "qbr" => "renewal",
+        _ => "open",
+    }
 }
 
 impl Call {
@@ -1294,6 +1368,8 @@ impl Call {
         field(c, &self.rep.email);
         field(c, self.rep.role.as_str());
         field(c, &self.rep.id.to_string());
+        field(c, &format!("{{{}}}", self.tags.join(",")));
+        field(c, &self.metadata);
         last_field(c, &timestamp(self.created_at));
         let s = &mut chunk.speakers;
         field(s, &id);

@@ -20,3 +20,4 @@ GROUP BY r.id, r.name, r.email;
 
 -- refresh_rep_performance_view (CONCURRENTLY needs a unique index) and reads by rep.
 CREATE UNIQUE INDEX IF NOT EXISTS mv_rep_performance_rep_idx ON mv_rep_performance (rep_id);
+

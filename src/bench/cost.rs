@@ -906,6 +906,8 @@ fn call_input(tag: &str, i: usize, utterances: Vec<Utterance>) -> CallInput {
         rep_team: None,
         rep_role: BENCH_ROLE,
         transcript: utterances,
+        tags: vec![],
+        metadata: None,
     }
 }
 

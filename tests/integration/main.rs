@@ -4,6 +4,7 @@
 mod api;
 mod cache;
 mod cli;
+mod explain;
 mod faults;
 mod helpers;
 mod ledger;
