@@ -95,6 +95,27 @@ async fn key_enqueue_and_job_tools_work_on_a_real_database() {
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["kind"], "analyze_call");
     assert_eq!(job["payload"]["dimensions"][0], "discovery");
+    assert_eq!(
+        job["analysis_runs"],
+        serde_json::json!([]),
+        "no worker ran it yet"
+    );
+    let listed = |args: &[&str]| {
+        let out = callcoach(&env, &[&["jobs", "list"], args].concat());
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).contains(job_id)
+    };
+    assert!(listed(&["--kind", "analyze_call"]));
+    assert!(!listed(&["--kind", "maintain_tables"]));
+    assert!(listed(&["--call", &call_id]));
+    assert!(!listed(&["--call", &uuid::Uuid::new_v4().to_string()]));
+    let out = callcoach(&env, &["jobs", "list", "--kind", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("unknown job kind \"nope\""),
+        "{}",
+        stderr(&out)
+    );
     let unknown = uuid::Uuid::new_v4().to_string();
     let out = callcoach(&env, &["jobs", "show", &unknown]);
     assert_eq!(out.status.code(), Some(1));

@@ -210,6 +210,23 @@ async fn cache_statistics_sum_the_runs_by_source() {
         stats[1].cost_without_caching_usd > 0.0,
         "hits count what they saved"
     );
+    let (job, runs): (Uuid, i64) = sqlx::query_as(
+        "SELECT job_id, count(*) FROM analysis_runs WHERE job_id IS NOT NULL
+         GROUP BY job_id ORDER BY min(created_at) LIMIT 1",
+    )
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    let job_runs = performance::job_runs(&app.app.pg, job).await.unwrap();
+    assert_eq!(job_runs.len() as i64, runs);
+    assert_eq!(
+        job_runs
+            .iter()
+            .map(|r| r.source.as_str())
+            .collect::<Vec<_>>(),
+        ["llm", "llm"],
+        "the first job paid for both dimensions"
+    );
     let usage: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM get_index_usage_stats() WHERE index_name = 'coaching_cache_pkey'",
     )
@@ -401,4 +418,314 @@ async fn db_optimize_verify_only_fails_after_an_index_is_dropped_and_optimize_re
     assert!(out.status.success(), "{}", stderr(&out));
     let out = callcoach(&env, &["db", "optimize", "--verify-only"]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// The cutoff recorded for a hot index, and the predicate of the index itself.
+async fn hot_index(app: &TestApp, name: &str) -> (chrono::DateTime<chrono::Utc>, String, bool) {
+    sqlx::query_as(
+        "SELECT h.cutoff, pg_get_expr(i.indpred, i.indrelid), i.indisvalid
+         FROM hot_indexes h JOIN pg_class c ON c.relname = h.index_name
+         JOIN pg_index i ON i.indexrelid = c.oid WHERE h.index_name = $1",
+    )
+    .bind(name)
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn table_upkeep_rolls_a_hot_index_whose_cutoff_fell_behind() {
+    let app = spawn_app().await;
+    let (cutoff, predicate, valid) = hot_index(&app, "calls_recent_idx").await;
+    let window_start = chrono::Utc::now() - chrono::Duration::days(45);
+    assert!(
+        valid && (cutoff - window_start).num_days().abs() <= 1,
+        "{cutoff}"
+    );
+    assert!(!predicate.contains("now()"), "{predicate}");
+    // Not due yet: nothing is rebuilt.
+    let report = performance::maintain_tables(&app.app.pg).await.unwrap();
+    assert_eq!(report["hot_indexes_rolled"], serde_json::json!([]));
+
+    // Built 60 days ago: 15 days behind its 45-day window, over the 7 days of slack.
+    let old: chrono::DateTime<chrono::Utc> = "2026-01-01T00:00:00Z".parse().unwrap();
+    let stale = format!(
+        "DROP INDEX calls_recent_idx;
+         CREATE INDEX calls_recent_idx ON calls (scheduled_at DESC, id DESC)
+             INCLUDE (title, product, call_type, rep_id, tags) WHERE scheduled_at >= '{old}';
+         UPDATE hot_indexes SET cutoff = '{old}' WHERE index_name = 'calls_recent_idx'"
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(stale))
+        .execute(&app.app.pg)
+        .await
+        .unwrap();
+    let report = performance::maintain_tables(&app.app.pg).await.unwrap();
+    assert_eq!(
+        report["hot_indexes_due"],
+        serde_json::json!(["calls_recent_idx"])
+    );
+    let rolled = &report["hot_indexes_rolled"][0];
+    assert_eq!(rolled["index"], "calls_recent_idx");
+    let (cutoff, predicate, valid) = hot_index(&app, "calls_recent_idx").await;
+    assert!(valid);
+    assert!((cutoff - window_start).num_days().abs() <= 1, "{cutoff}");
+    assert!(!predicate.contains("2026-01-01"), "rebuilt: {predicate}");
+    let next: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('calls_recent_idx_next')::text")
+            .fetch_one(&app.app.pg)
+            .await
+            .unwrap();
+    assert_eq!(next, None, "the temporary index was renamed");
+    let verify = performance::verify(&app.app.pg).await.unwrap();
+    assert!(verify.iter().all(|o| o.ok()), "{verify:?}");
+}
+
+#[tokio::test]
+async fn table_upkeep_deletes_what_outlived_its_retention_and_keeps_the_rest() {
+    let app = spawn_app().await;
+    let call = app.ingest(&sample_call("retention")).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO analysis_runs (id, call_id, dimension, rubric_version, cache_key, source, created_at)
+         VALUES (gen_random_uuid(), '{call}', 'discovery', '1', 'old', 'llm', now() - interval '401 days'),
+                (gen_random_uuid(), '{call}', 'discovery', '1', 'new', 'llm', now() - interval '399 days');
+         INSERT INTO cache_counters (day, name, value)
+         VALUES (current_date - 401, 'hits', 1), (current_date - 10, 'hits', 2);
+         INSERT INTO cache_leases (cache_key, owner, expires_at)
+         VALUES ('gone', gen_random_uuid(), now() - interval '2 hours'),
+                ('held', gen_random_uuid(), now() + interval '1 minute')"
+    )))
+    .execute(&app.app.pg)
+    .await
+    .unwrap();
+    let report = performance::maintain_tables(&app.app.pg).await.unwrap();
+    assert_eq!(
+        report["deleted"],
+        serde_json::json!({"analysis_runs": 1, "cache_counters": 1, "cache_leases": 1})
+    );
+    let left: (String, i64, String) = sqlx::query_as(
+        "SELECT (SELECT string_agg(cache_key, ',') FROM analysis_runs),
+                (SELECT sum(value)::bigint FROM cache_counters),
+                (SELECT string_agg(cache_key, ',') FROM cache_leases)",
+    )
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    assert_eq!(left, ("new".into(), 2, "held".into()));
+}
+
+#[tokio::test]
+async fn calls_are_found_by_tags_metadata_and_participant() {
+    use performance::{CallSearch, search_calls};
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for (n, tags, stage) in [
+        (0, vec!["Renewal", "enterprise"], "renewal"),
+        (1, vec!["enterprise", "enterprise"], "negotiation"),
+        (2, vec![], "renewal"),
+    ] {
+        let mut call = sample_call(&format!("attr-{n}"));
+        call["scheduled_at"] = serde_json::json!(format!("2026-09-0{}T10:00:00Z", n + 1));
+        call["tags"] = serde_json::json!(tags);
+        call["metadata"] = serde_json::json!({"stage": stage, "region": "emea"});
+        if n == 2 {
+            call["speakers"][1]["email"] = serde_json::json!("Dee@Other.example");
+        }
+        ids.push(app.ingest(&call).await);
+    }
+    let found = |s: CallSearch| {
+        let pg = app.app.pg.clone();
+        async move {
+            let hits = search_calls(&pg, &CallSearch { limit: 10, ..s })
+                .await
+                .unwrap();
+            hits.into_iter().map(|c| c.id).collect::<Vec<_>>()
+        }
+    };
+    let stored: Vec<String> = sqlx::query_scalar("SELECT unnest(tags) FROM calls WHERE id = $1")
+        .bind(ids[1])
+        .fetch_all(&app.app.pg)
+        .await
+        .unwrap();
+    assert_eq!(stored, ["enterprise"], "deduplicated");
+    let tags = |t: &[&str]| Some(t.iter().map(|t| t.to_string()).collect());
+    assert_eq!(
+        found(CallSearch {
+            tags: tags(&["ENTERPRISE"]),
+            ..Default::default()
+        })
+        .await,
+        [ids[1], ids[0]]
+    );
+    assert_eq!(
+        found(CallSearch {
+            tags: tags(&["enterprise", "renewal"]),
+            ..Default::default()
+        })
+        .await,
+        [ids[0]]
+    );
+    let stage = |s: &str| Some(serde_json::json!({"stage": s}));
+    assert_eq!(
+        found(CallSearch {
+            metadata: stage("renewal"),
+            ..Default::default()
+        })
+        .await,
+        [ids[2], ids[0]]
+    );
+    assert_eq!(
+        found(CallSearch {
+            metadata: stage("renewal"),
+            tags: tags(&["enterprise"]),
+            ..Default::default()
+        })
+        .await,
+        [ids[0]]
+    );
+    let participant = |e: &str| Some(e.to_string());
+    assert_eq!(
+        found(CallSearch {
+            participant: participant("dee@other.EXAMPLE"),
+            ..Default::default()
+        })
+        .await,
+        [ids[2]]
+    );
+    assert_eq!(
+        found(CallSearch {
+            participant: participant("cal@customer.example"),
+            ..Default::default()
+        })
+        .await,
+        [ids[1], ids[0]]
+    );
+}
+
+#[tokio::test]
+async fn ingest_rejects_bad_tags_and_metadata_by_name() {
+    let app = spawn_app().await;
+    let cases = [
+        ("tags", serde_json::json!(vec!["x"; 21]), "tags: at most 20"),
+        ("tags", serde_json::json!(["ok", " "]), "tags[1]"),
+        (
+            "metadata",
+            serde_json::json!(["not", "an", "object"]),
+            "metadata",
+        ),
+        (
+            "metadata",
+            serde_json::json!({"blob": "x".repeat(17 * 1024)}),
+            "metadata exceeds",
+        ),
+    ];
+    for (field, value, message) in cases {
+        let mut call = sample_call("bad-attributes");
+        call[field] = value;
+        let (status, body) = app.post("/v1/calls", &call).await;
+        assert!((400..500).contains(&status), "{field}: {status} {body}");
+        assert!(body.to_string().contains(message), "{field}: {body}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM calls")
+        .fetch_one(&app.app.pg)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test]
+async fn rep_reads_page_history_list_opportunities_and_trends() {
+    let app = spawn_app().await;
+    let call = app.ingest(&sample_call("rep-reads")).await;
+    let rep = rep_of(&app, call).await;
+    for (dim, score, days) in [
+        ("discovery", 50, 1),
+        ("discovery", 70, 2),
+        ("engagement", 40, 3),
+        ("discovery", 90, 20),
+        ("discovery", 55, 400),
+    ] {
+        session(&app, call, dim, score, days).await;
+    }
+    let pg = &app.app.pg;
+    let first = performance::rep_sessions(pg, rep, None, 2).await.unwrap();
+    assert_eq!(first.iter().map(|s| s.score).collect::<Vec<_>>(), [50, 70]);
+    let last = first.last().map(|s| (s.created_at, s.id));
+    let rest = performance::rep_sessions(pg, rep, last, 10).await.unwrap();
+    assert_eq!(
+        rest.iter().map(|s| s.score).collect::<Vec<_>>(),
+        [40, 90, 55]
+    );
+
+    let low = performance::coaching_opportunities(pg, rep, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        low.iter().map(|s| s.score).collect::<Vec<_>>(),
+        [50, 40, 55],
+        "below 60, newest first"
+    );
+
+    let weeks = performance::score_trends(pg, "discovery", 30, Some(rep))
+        .await
+        .unwrap();
+    let sessions: i64 = weeks.iter().map(|w| w.sessions).sum();
+    assert_eq!(sessions, 3, "the 400-day-old session is outside 30 days");
+    let all = performance::score_trends(pg, "discovery", 30, None)
+        .await
+        .unwrap();
+    assert_eq!(all, weeks, "one rep: the same weeks");
+    let mean = weeks
+        .iter()
+        .map(|w| w.avg_score * w.sessions as f64)
+        .sum::<f64>()
+        / 3.0;
+    assert!((mean - 70.0).abs() < 0.01, "(50 + 70 + 90) / 3, got {mean}");
+
+    performance::refresh_rep_performance(pg).await.unwrap();
+    let board = performance::leaderboard(pg, 5).await.unwrap();
+    assert_eq!(board.len(), 1);
+    assert_eq!(
+        board[0].avg_score,
+        Some(61.0),
+        "(50 + 70 + 40 + 90 + 55) / 5"
+    );
+    assert_eq!(
+        performance::rep_performance(pg, rep)
+            .await
+            .unwrap()
+            .as_ref(),
+        board.first()
+    );
+
+    let filter = |team: Option<&str>, prefix: Option<&str>| performance::RepFilter {
+        team: team.map(str::to_string),
+        role: None,
+        name_prefix: prefix.map(str::to_string),
+    };
+    let names =
+        |reps: Vec<performance::RepItem>| reps.into_iter().map(|r| r.name).collect::<Vec<_>>();
+    assert_eq!(
+        names(
+            performance::list_reps(pg, &filter(None, Some("AN")), 10)
+                .await
+                .unwrap()
+        ),
+        ["Ana Rep"]
+    );
+    assert_eq!(
+        names(
+            performance::list_reps(pg, &filter(None, Some("an_")), 10)
+                .await
+                .unwrap()
+        ),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        names(
+            performance::list_reps(pg, &filter(Some("Nowhere"), None), 10)
+                .await
+                .unwrap()
+        ),
+        Vec::<String>::new()
+    );
 }
