@@ -529,6 +529,17 @@ pub struct RepFilter {
 
 /// Reps by name: a team's active reps, or every rep whose name starts with a prefix.
 pub async fn list_reps(pool: &PgPool, f: &RepFilter, limit: i64) -> sqlx::Result<Vec<RepItem>> {
+    // Not prepared: planned for the values given (teams differ widely in size).
+    list_reps_query(f, limit)
+        .build_query_as()
+        .persistent(false)
+        .fetch_all(pool)
+        .await
+}
+
+/// The statement of [`list_reps`] with its parameters bound in order: team, role, the name
+/// range (low, high), limit (absent filters bind nothing).
+pub fn list_reps_query(f: &RepFilter, limit: i64) -> sqlx::QueryBuilder<sqlx::Postgres> {
     let mut q = sqlx::QueryBuilder::new("SELECT id, name, email, role, team FROM reps WHERE true");
     if let Some(team) = &f.team {
         q.push(" AND active AND team = ").push_bind(team.clone());
@@ -546,7 +557,7 @@ pub async fn list_reps(pool: &PgPool, f: &RepFilter, limit: i64) -> sqlx::Result
     }
     q.push(" ORDER BY name, id LIMIT ")
         .push_bind(limit.clamp(1, 500));
-    q.build_query_as().fetch_all(pool).await
+    q
 }
 
 /// The byte-wise range of lower-cased names starting with `prefix`: `[prefix, next)` where

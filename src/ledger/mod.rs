@@ -320,6 +320,19 @@ pub struct JobFilter {
 /// (each bound as a parameter) and is planned for their values, so each mix is planned on the
 /// index that serves it.
 pub async fn jobs(pg: &PgPool, filter: &JobFilter, limit: i64) -> sqlx::Result<Vec<JobRow>> {
+    // Not prepared: planned for the values given, so a rare kind or state gets its index
+    // (a cached generic plan assumes average selectivity and scans by date instead).
+    let rows = jobs_query(filter, limit)
+        .build()
+        .persistent(false)
+        .fetch_all(pg)
+        .await?;
+    rows.into_iter().map(job_row).collect()
+}
+
+/// The statement of [`jobs`] with its parameters bound in order: state, kind, call, limit
+/// (absent filters bind nothing).
+pub fn jobs_query(filter: &JobFilter, limit: i64) -> sqlx::QueryBuilder<sqlx::Postgres> {
     let mut q = sqlx::QueryBuilder::new(format!("SELECT {COLUMNS} FROM jobs WHERE true"));
     if let Some(state) = filter.state {
         q.push(" AND status = ").push_bind(state.as_str());
@@ -332,10 +345,7 @@ pub async fn jobs(pg: &PgPool, filter: &JobFilter, limit: i64) -> sqlx::Result<V
             .push_bind(call.to_string());
     }
     q.push(" ORDER BY enqueued_at DESC LIMIT ").push_bind(limit);
-    // Not prepared: planned for the values given, so a rare kind or state gets its index
-    // (a cached generic plan assumes average selectivity and scans by date instead).
-    let rows = q.build().persistent(false).fetch_all(pg).await?;
-    rows.into_iter().map(job_row).collect()
+    q
 }
 
 fn decode<T: FromStr<Err = String>>(row: &sqlx::postgres::PgRow, col: &str) -> sqlx::Result<T> {

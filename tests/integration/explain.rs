@@ -7,7 +7,10 @@
 //! with EXECUTE … USING are planned for their values, so they are explained as custom plans.
 
 use crate::helpers::spawn_app;
-use callcoach::{performance, seed};
+use callcoach::{
+    ledger::{self, JobState},
+    performance, seed,
+};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 
@@ -123,6 +126,26 @@ async fn one(pg: &PgPool, sql: &str) -> String {
 /// The statement search_calls_optimized runs for a filter mix (NULL = filter absent).
 async fn search_statement(pg: &PgPool, mix: &str, recent: bool) -> String {
     one(pg, &format!("search_calls_query({mix}, {recent})")).await
+}
+
+/// The statement performance::list_reps sends for a filter mix.
+fn reps_sql(team: Option<&str>, prefix: Option<&str>) -> String {
+    let filter = performance::RepFilter {
+        team: team.map(str::to_string),
+        role: None,
+        name_prefix: prefix.map(str::to_string),
+    };
+    performance::list_reps_query(&filter, 50).sql().as_str().to_string()
+}
+
+/// The statement ledger::jobs sends for a filter mix.
+fn jobs_sql(state: Option<JobState>, kind: Option<&str>, call_id: Option<uuid::Uuid>) -> String {
+    let filter = ledger::JobFilter {
+        state,
+        kind: kind.map(str::to_string),
+        call_id,
+    };
+    ledger::jobs_query(&filter, 20).sql().as_str().to_string()
 }
 
 const SEARCH_TYPES: &str = "uuid, text, text, timestamptz, timestamptz, text[], jsonb, text, timestamptz, uuid, int, timestamptz";
@@ -292,14 +315,14 @@ async fn every_optimized_query_uses_its_index_on_seeded_data() {
         ),
         unprepared(
             "reps of a team",
-            "SELECT id, name FROM reps WHERE true AND active AND team = $1 ORDER BY name, id LIMIT $2",
+            &reps_sql(Some("t"), None),
             "text, bigint",
             format!("{team}, 50"),
             "reps_team_name_idx",
         ),
         unprepared(
             "reps by name prefix",
-            "SELECT id, name FROM reps WHERE true AND lower(name) ~>=~ $1 AND lower(name) ~<~ $2 ORDER BY name, id LIMIT $3",
+            &reps_sql(None, Some("a")),
             "text, text, bigint",
             "'al', 'am', 50".into(),
             "reps_name_prefix_idx",
@@ -313,21 +336,21 @@ async fn every_optimized_query_uses_its_index_on_seeded_data() {
         ),
         unprepared(
             "jobs by kind",
-            "SELECT id FROM jobs WHERE true AND kind = $1 ORDER BY enqueued_at DESC LIMIT $2",
+            &jobs_sql(None, Some("k"), None),
             "text, bigint",
             "'maintain_tables', 20".into(),
             "jobs_kind_enqueued_idx",
         ),
         unprepared(
             "jobs by state",
-            "SELECT id FROM jobs WHERE true AND status = $1 ORDER BY enqueued_at DESC LIMIT $2",
+            &jobs_sql(Some(JobState::Queued), None, None),
             "text, bigint",
             "'queued', 20".into(),
             "jobs_status_enqueued_idx",
         ),
         unprepared(
             "jobs of a call",
-            "SELECT id FROM jobs WHERE true AND payload ? 'call_id' AND payload ->> 'call_id' = $1 ORDER BY enqueued_at DESC LIMIT $2",
+            &jobs_sql(None, None, Some(uuid::Uuid::nil())),
             "text, bigint",
             "'00000000-0000-0000-0000-000000000000', 20".into(),
             "jobs_call_idx",
