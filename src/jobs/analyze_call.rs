@@ -182,16 +182,29 @@ pub(super) async fn analyse_dimension(
         } => {
             run.source = tier.as_str();
             run.waited = waited;
-            let stored = store(ctx, &run, &result).await.map_err(JobError::Retry)?;
-            (stored, tier.as_str())
+            return record_hit(ctx, &run, result).await;
         }
     };
-    Ok(DimensionOutcome {
-        dimension: input.dimension,
-        score: result.score,
+    Ok(dimension_outcome(&key, result.score, source))
+}
+
+/// Stores a cache hit as a run of its tier (`run.source`) and gives the call its session.
+pub(super) async fn record_hit(
+    ctx: &JobContext,
+    run: &StoredRun<'_>,
+    result: CoachingResult,
+) -> Result<DimensionOutcome, JobError> {
+    let stored = store(ctx, run, &result).await.map_err(JobError::Retry)?;
+    Ok(dimension_outcome(run.key, stored.score, run.source))
+}
+
+fn dimension_outcome(key: &CacheKey, score: u8, source: &str) -> DimensionOutcome {
+    DimensionOutcome {
+        dimension: key.dimension,
+        score,
         source: source.to_string(),
         cache_key: key.to_string(),
-    })
+    }
 }
 
 /// The cache key and prompt texts of one analysis.

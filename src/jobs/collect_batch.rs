@@ -16,8 +16,8 @@
 use super::{
     AnalyzeCall, Job, JobContext, JobError, JobOptions,
     analyze_call::{
-        AnalysisInput, DimensionOutcome, StoredRun, analyse_dimension, gateway_error_outcome,
-        llm_error_outcome, plan, store,
+        AnalysisInput, DimensionOutcome, StoredRun, gateway_error_outcome, llm_error_outcome, plan,
+        record_hit, store,
     },
 };
 use crate::{
@@ -169,24 +169,32 @@ pub(super) async fn submit(
     inputs: Vec<AnalysisInput<'_>>,
 ) -> Result<serde_json::Value, JobError> {
     let options = ctx.settings.prompt_options(CacheTtl::OneHour);
-    let mut cached = Vec::new();
+    let mut answered: Vec<DimensionOutcome> = Vec::new();
     let mut requests = Vec::new();
     let mut keys = Vec::new();
     for input in inputs {
+        let started = Instant::now();
         let (key, prompt) = plan(&ctx.settings, &input)?;
-        if ctx.cache.lookup(&key, true).await?.is_some() {
-            cached.push(input);
+        // A cached dimension is answered here, from this lookup (counted once).
+        if let Some((result, tier)) = ctx.cache.lookup(&key, true).await? {
+            let run = StoredRun {
+                job_id: input.job_id,
+                call,
+                key: &key,
+                source: tier.as_str(),
+                model: &ctx.settings.claude_model,
+                usage: llm::Usage::default(),
+                cost: Cost::default(),
+                started,
+                waited: Duration::ZERO,
+            };
+            answered.push(record_hit(ctx, &run, result).await?);
             continue;
         }
         let request = llm::build_request(&options, &prompt);
         requests.push((key.dimension.as_str().to_string(), request.body));
         keys.push(key);
     }
-    let answered: Vec<DimensionOutcome> =
-        futures::future::join_all(cached.into_iter().map(|i| analyse_dimension(ctx, i)))
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
     if requests.is_empty() {
         return Ok(json!({ "dimensions": answered }));
     }

@@ -135,7 +135,10 @@ fn reps_sql(team: Option<&str>, prefix: Option<&str>) -> String {
         role: None,
         name_prefix: prefix.map(str::to_string),
     };
-    performance::list_reps_query(&filter, 50).sql().as_str().to_string()
+    performance::list_reps_query(&filter, 50)
+        .sql()
+        .as_str()
+        .to_string()
 }
 
 /// The statement ledger::jobs sends for a filter mix.

@@ -260,6 +260,58 @@ async fn a_batch_analysis_is_collected_and_stored_at_half_the_price() {
 }
 
 #[tokio::test]
+async fn a_batch_of_cached_dimensions_counts_each_hit_once() {
+    let mut app = spawn_app_with(Options {
+        env: batch_app_env(),
+        ..Default::default()
+    })
+    .await;
+    app.start_worker();
+    let call_id = app.ingest(&sample_call("batched-twice")).await;
+    app.wait_for_job(enqueue_batch(&app, call_id).await, 30)
+        .await;
+    let collected = finished_job_of_kind(&app, "collect_batch").await;
+    assert_eq!(collected["status"], "succeeded", "{collected}");
+    let hits = || async {
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .bearer_auth(&app.admin_key)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("callcoach_cache_hits_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = hits().await;
+    let again = app
+        .wait_for_job(enqueue_batch(&app, call_id).await, 30)
+        .await;
+    assert_eq!(again["status"], "succeeded", "{again}");
+    let sources: Vec<&str> = again["result"]["dimensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["redis"; 4], "{again}");
+    assert_eq!(hits().await - before, 4.0, "one hit per dimension");
+    let runs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM analysis_runs WHERE call_id = $1 AND source = 'redis'",
+    )
+    .bind(call_id)
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    assert_eq!(runs, 4);
+}
+
+#[tokio::test]
 async fn an_expired_batch_is_analysed_directly() {
     let mut app = spawn_app_with(Options {
         env: batch_app_env(),
