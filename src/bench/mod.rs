@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod cost;
+pub mod db;
 pub mod queue;
 
 use crate::config::Settings;
@@ -58,6 +59,32 @@ pub enum BenchCommand {
         #[arg(long)]
         keep: bool,
     },
+    /// Read-path latency of `sql/performance` through the project's code (cache lookup, rep
+    /// summaries, call search, call details) on a seeded database of its own
+    /// (`<dbname>_bench_db`), against the same queries without those objects.
+    Db {
+        /// Calls to seed.
+        #[arg(long, default_value_t = 100_000)]
+        calls: u64,
+        /// Coaching sessions to seed.
+        #[arg(long, default_value_t = 1_000_000)]
+        sessions: u64,
+        /// Reps to seed.
+        #[arg(long, default_value_t = 200)]
+        reps: u32,
+        /// Seed of the generator and of the inputs drawn for the timed calls.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Timed calls per optimized query.
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..))]
+        samples: u32,
+        /// Timed calls per baseline query (unindexed queries take tens of ms each).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+        baseline_samples: u32,
+        /// Keep the bench database afterwards (complete: sql/performance re-applied).
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 /// Runs a benchmark and prints its JSON report.
@@ -99,6 +126,26 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 keep,
             };
             cost::run(settings, bench).await?
+        }
+        BenchCommand::Db {
+            calls,
+            sessions,
+            reps,
+            seed,
+            samples,
+            baseline_samples,
+            keep,
+        } => {
+            let bench = db::DbBench {
+                calls,
+                sessions,
+                reps,
+                seed,
+                samples: samples as usize,
+                baseline_samples: baseline_samples as usize,
+                keep,
+            };
+            db::run(settings, bench).await?
         }
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
