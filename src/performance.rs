@@ -2,6 +2,8 @@
 //! `sql/performance/`, applied (idempotently) by `callcoach migrate` and `callcoach db
 //! optimize`, and verified object by object.
 //!
+//! The read functions take any executor (the pool, a held connection, a transaction).
+//!
 //! The SQL files are the single source of truth: [`expected`] reads the names of the objects
 //! they create from the files themselves, so adding an index to a file adds it to the
 //! verification.
@@ -217,7 +219,7 @@ pub struct DimensionSummary {
 /// `get_rep_performance_summary(rep, days)`: the rep's sessions of the last `days` days by
 /// dimension.
 pub async fn rep_performance_summary(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     rep_id: Uuid,
     days: i32,
 ) -> sqlx::Result<Vec<DimensionSummary>> {
@@ -227,8 +229,20 @@ pub async fn rep_performance_summary(
     )
     .bind(rep_id)
     .bind(days)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await
+}
+
+/// The durable cache tier's read by key (`get_cached_coaching_session`, the coaching_cache
+/// primary key): the stored result JSON.
+pub async fn cached_result(
+    db: impl sqlx::PgExecutor<'_>,
+    cache_key: &str,
+) -> sqlx::Result<Option<serde_json::Value>> {
+    sqlx::query_scalar("SELECT result FROM get_cached_coaching_session($1)")
+        .bind(cache_key)
+        .fetch_optional(db)
+        .await
 }
 
 /// One rep's row of `mv_rep_performance` (as of its last refresh).
@@ -267,11 +281,14 @@ const REP_PERFORMANCE_COLUMNS: &str = "rep_id, rep_name, rep_email, total_calls,
 
 /// One rep's precomputed performance from `mv_rep_performance` (unique index on rep_id);
 /// `None` for a rep the view does not hold yet.
-pub async fn rep_performance(pool: &PgPool, rep_id: Uuid) -> sqlx::Result<Option<RepPerformance>> {
+pub async fn rep_performance(
+    db: impl sqlx::PgExecutor<'_>,
+    rep_id: Uuid,
+) -> sqlx::Result<Option<RepPerformance>> {
     let sql = format!("SELECT {REP_PERFORMANCE_COLUMNS} FROM mv_rep_performance WHERE rep_id = $1");
     sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(rep_id)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await
 }
 
@@ -346,7 +363,10 @@ pub struct CallHit {
 }
 
 /// `search_calls_optimized(…)`: one page of calls, newest first.
-pub async fn search_calls(pool: &PgPool, s: &CallSearch) -> sqlx::Result<Vec<CallHit>> {
+pub async fn search_calls(
+    db: impl sqlx::PgExecutor<'_>,
+    s: &CallSearch,
+) -> sqlx::Result<Vec<CallHit>> {
     let tags = s.tags.as_ref().map(|t| {
         t.iter()
             .map(|t| t.trim().to_lowercase())
@@ -367,16 +387,19 @@ pub async fn search_calls(pool: &PgPool, s: &CallSearch) -> sqlx::Result<Vec<Cal
     .bind(s.after.map(|(at, _)| at))
     .bind(s.after.map(|(_, id)| id))
     .bind(s.limit)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await
 }
 
 /// `get_call_with_details(id)`: the call, its rep, speakers, transcript and the latest
 /// coaching per dimension as one JSON document; `None` for an unknown call.
-pub async fn call_details(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<serde_json::Value>> {
+pub async fn call_details(
+    db: impl sqlx::PgExecutor<'_>,
+    id: Uuid,
+) -> sqlx::Result<Option<serde_json::Value>> {
     sqlx::query_scalar(CALL_DETAILS_SQL)
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await
 }
 

@@ -328,11 +328,7 @@ impl CoachingCache {
 
     /// Reads the durable tier.
     pub async fn pg_get(&self, key: &CacheKey) -> anyhow::Result<Option<CoachingResult>> {
-        let row: Option<serde_json::Value> =
-            sqlx::query_scalar("SELECT result FROM get_cached_coaching_session($1)")
-                .bind(key.to_string())
-                .fetch_optional(&self.pg)
-                .await?;
+        let row = crate::performance::cached_result(&self.pg, &key.to_string()).await?;
         Ok(row.map(serde_json::from_value).transpose()?)
     }
 
