@@ -155,6 +155,7 @@ async fn measure(
         cache: durable_cache(settings, timed.clone())?,
         pool: timed,
         held: tokio::sync::Mutex::new(held),
+        details_sql: details_body(&setup).await?,
         work,
     };
     let measured = compare(bench, &runner, &setup, phases).await?;
@@ -463,33 +464,21 @@ const BASELINE_REP_VIEW: &str = "SELECT r.id AS rep_id, r.name AS rep_name, r.em
     WHERE r.id = $1
     GROUP BY r.id, r.name, r.email";
 
-/// `get_call_with_details(id)`'s body.
-const BASELINE_DETAILS: &str = "SELECT jsonb_build_object(
-        'call', jsonb_build_object(
-            'id', c.id, 'external_id', c.external_id, 'title', c.title, 'product', c.product,
-            'call_type', c.call_type, 'scheduled_at', c.scheduled_at,
-            'duration_seconds', c.duration_seconds, 'rep_role', c.rep_role),
-        'rep', jsonb_build_object('id', r.id, 'name', r.name, 'email', r.email,
-                                  'role', r.role, 'team', r.team),
-        'speakers', coalesce((
-            SELECT jsonb_agg(jsonb_build_object('name', s.name, 'email', s.email,
-                                                'role', s.role, 'company_side', s.company_side)
-                             ORDER BY s.id)
-            FROM speakers s WHERE s.call_id = c.id), '[]'::jsonb),
-        'transcript', (SELECT jsonb_build_object('hash', t.transcript_hash,
-                                                 'utterances', t.utterances)
-                       FROM transcripts t WHERE t.call_id = c.id),
-        'coaching', coalesce((
-            SELECT jsonb_agg(jsonb_build_object(
-                       'dimension', l.dimension, 'score', l.score,
-                       'rubric_version', l.rubric_version, 'result', l.result,
-                       'created_at', l.created_at) ORDER BY l.dimension)
-            FROM (SELECT DISTINCT ON (cs.dimension) cs.dimension, cs.score, cs.rubric_version,
-                         cs.result, cs.created_at
-                  FROM coaching_sessions cs WHERE cs.call_id = c.id
-                  ORDER BY cs.dimension, cs.created_at DESC) l), '[]'::jsonb))
-    FROM calls c JOIN reps r ON r.id = c.rep_id
-    WHERE c.id = $1";
+/// `get_call_with_details(id)`'s body as plain SQL, read from the installed function (so it
+/// is always the body being compared): its parameter becomes `$1`.
+async fn details_body(pool: &PgPool) -> anyhow::Result<String> {
+    let body: String = sqlx::query_scalar(
+        "SELECT prosrc FROM pg_proc WHERE proname = 'get_call_with_details' LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .context("reading get_call_with_details")?;
+    ensure!(
+        body.contains("p_call_id"),
+        "get_call_with_details has no p_call_id"
+    );
+    Ok(body.replace("p_call_id", "$1"))
+}
 
 /// The inputs of every timed call, drawn once with a fixed seed so both sides see the same
 /// sequence (the baseline a prefix of it).
@@ -699,6 +688,8 @@ struct Optimized {
 struct Runner {
     pool: PgPool,
     held: tokio::sync::Mutex<sqlx::PgConnection>,
+    /// The baseline of call details: the function's body as plain SQL.
+    details_sql: String,
     cache: CoachingCache,
     work: Workload,
 }
@@ -802,7 +793,9 @@ impl Runner {
                     .bind(s.to)
                     .bind(s.limit)
             }
-            Query::CallDetails => sqlx::query(BASELINE_DETAILS).bind(w.call(i)),
+            Query::CallDetails => {
+                sqlx::query(sqlx::AssertSqlSafe(self.details_sql.clone())).bind(w.call(i))
+            }
         };
         Ok(query.fetch_all(&self.pool).await?.len())
     }
