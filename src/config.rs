@@ -89,6 +89,14 @@ pub struct Settings {
     pub bind_addr: String,
     /// Public base URL used in `status_url` links (`PUBLIC_URL`, default `http://{BIND_ADDR}`).
     pub public_url: String,
+    /// Oldest `mv_rep_performance` refresh rep insights read from the view
+    /// (`INSIGHTS_MAX_STALENESS_SECS`, default 900); older, they are computed live.
+    pub insights_max_staleness: Duration,
+    /// How long an API key lookup is cached in memory (`AUTH_CACHE_MS`, default 5000): a
+    /// revoked key is refused by every process within this time.
+    pub auth_cache: Duration,
+    /// How long an `Idempotency-Key` is remembered (`IDEMPOTENCY_TTL_SECS`, default 86400).
+    pub idempotency_ttl: Duration,
     /// Concurrent interactive jobs per worker process (`WORKER_CONCURRENCY`, default 8).
     pub worker_concurrency: usize,
     /// Concurrent background jobs per worker process (`WORKER_BACKGROUND_CONCURRENCY`,
@@ -197,6 +205,13 @@ impl Settings {
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("http://{bind_addr}")),
             bind_addr,
+            insights_max_staleness: Duration::from_secs(positive(
+                get,
+                "INSIGHTS_MAX_STALENESS_SECS",
+                900,
+            )?),
+            auth_cache: Duration::from_millis(positive(get, "AUTH_CACHE_MS", 5000)?),
+            idempotency_ttl: Duration::from_secs(positive(get, "IDEMPOTENCY_TTL_SECS", 86_400)?),
             worker_concurrency: positive(get, "WORKER_CONCURRENCY", 8)?,
             job_max_attempts: positive(get, "JOB_MAX_ATTEMPTS", 5)?,
             worker_poll: Duration::from_millis(positive(get, "WORKER_POLL_MS", 50)?),

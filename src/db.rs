@@ -368,66 +368,6 @@ pub async fn knowledge_base(pool: &PgPool) -> sqlx::Result<(String, String)> {
     Ok((text, sha256_hex(&versions)[..12].to_string()))
 }
 
-/// A stored coaching result as shown by `GET /v1/calls/{id}`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SessionRow {
-    /// Dimension analysed.
-    pub dimension: String,
-    /// Rubric version used.
-    pub rubric_version: String,
-    /// Score 0-100.
-    pub score: i32,
-    /// The full coaching result.
-    pub result: serde_json::Value,
-    /// When it was stored.
-    pub created_at: chrono::DateTime<chrono::Utc>,
-}
-
-/// Every coaching result of a call, newest first.
-pub async fn sessions_for_call(pool: &PgPool, call_id: Uuid) -> sqlx::Result<Vec<SessionRow>> {
-    let rows = sqlx::query(
-        "SELECT dimension, rubric_version, score, result, created_at FROM coaching_sessions
-         WHERE call_id = $1 ORDER BY dimension, created_at DESC",
-    )
-    .bind(call_id)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| SessionRow {
-            dimension: r.get("dimension"),
-            rubric_version: r.get("rubric_version"),
-            score: r.get("score"),
-            result: r.get("result"),
-            created_at: r.get("created_at"),
-        })
-        .collect())
-}
-
-/// A call with its speakers and results, for `GET /v1/calls/{id}`.
-pub async fn call_details(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<serde_json::Value>> {
-    let call: Option<serde_json::Value> = sqlx::query_scalar(
-        "SELECT jsonb_build_object(
-            'id', c.id, 'external_id', c.external_id, 'title', c.title, 'product', c.product,
-            'call_type', c.call_type, 'scheduled_at', c.scheduled_at,
-            'duration_seconds', c.duration_seconds, 'rep_email', c.rep_email, 'rep_role', c.rep_role,
-            'transcript_hash', t.transcript_hash,
-            'speakers', COALESCE((SELECT jsonb_agg(jsonb_build_object('name', s.name, 'email', s.email,
-                 'role', s.role, 'company_side', s.company_side) ORDER BY s.id)
-                 FROM speakers s WHERE s.call_id = c.id), '[]'::jsonb))
-         FROM calls c JOIN transcripts t ON t.call_id = c.id WHERE c.id = $1",
-    )
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    let Some(mut call) = call else {
-        return Ok(None);
-    };
-    let sessions = sessions_for_call(pool, id).await?;
-    call["coaching"] = serde_json::to_value(sessions).unwrap_or_default();
-    Ok(Some(call))
-}
-
 /// Outcome of [`replace_rubric`].
 #[derive(Debug)]
 pub enum RubricUpdate {

@@ -176,6 +176,7 @@ impl App {
             settings: self.settings.clone(),
             metrics: self.metrics.clone(),
             spend: self.jobs.llm.spend().clone(),
+            keys: http::auth::KeyCache::new(self.settings.auth_cache),
         })
     }
 

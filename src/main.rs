@@ -176,6 +176,13 @@ enum ApikeyCommand {
         #[arg(long)]
         scope: auth::Scope,
     },
+    /// List every key: id, prefix, name, scope, created, last used, revoked.
+    List,
+    /// Revoke a key by id or prefix; every process refuses it within AUTH_CACHE_MS.
+    Revoke {
+        /// Key id or prefix.
+        key: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -316,6 +323,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&key)?);
             eprintln!("store this key now: it is not shown again");
             Ok(())
+        }
+        Command::Apikey(ApikeyCommand::List) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&auth::list_keys(&app.pg).await?)?
+            );
+            Ok(())
+        }
+        Command::Apikey(ApikeyCommand::Revoke { key }) => {
+            match auth::revoke_key(&app.pg, &key).await? {
+                Some(revoked) => {
+                    println!("{}", serde_json::to_string_pretty(&revoked)?);
+                    Ok(())
+                }
+                None => anyhow::bail!("no unrevoked API key has the id or prefix {key:?}"),
+            }
         }
         Command::LlmEmulator(_) | Command::Bench(_) | Command::Demo(_) => unreachable!(),
     }

@@ -279,6 +279,31 @@ const REP_PERFORMANCE_COLUMNS: &str = "rep_id, rep_name, rep_email, total_calls,
     avg_objection_handling::float8 AS avg_objection_handling,
     avg_engagement::float8 AS avg_engagement, last_coached";
 
+/// One rep's `mv_rep_performance` columns computed live (`get_rep_performance_live`); `None`
+/// for an unknown rep.
+pub async fn rep_performance_live(
+    db: impl sqlx::PgExecutor<'_>,
+    rep_id: Uuid,
+) -> sqlx::Result<Option<RepPerformance>> {
+    let sql = format!("SELECT {REP_PERFORMANCE_COLUMNS} FROM get_rep_performance_live($1)");
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(rep_id)
+        .fetch_optional(db)
+        .await
+}
+
+/// When `mv_rep_performance` was last refreshed (its rows are as of then); `None` before the
+/// first refresh.
+pub async fn rep_view_refreshed_at(
+    db: impl sqlx::PgExecutor<'_>,
+) -> sqlx::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    sqlx::query_scalar(
+        "SELECT refreshed_at FROM view_refreshes WHERE view_name = 'mv_rep_performance'",
+    )
+    .fetch_optional(db)
+    .await
+}
+
 /// One rep's precomputed performance from `mv_rep_performance` (unique index on rep_id);
 /// `None` for a rep the view does not hold yet.
 pub async fn rep_performance(
@@ -318,6 +343,38 @@ pub async fn cache_statistics(pool: &PgPool, days: i32) -> sqlx::Result<Vec<Sour
     .await
 }
 
+/// The cache's effect over the last `days` days: the answers by source
+/// ([`cache_statistics`]), their totals, the hit rate, what was paid and saved, and the
+/// day counters of the cache (`cache_counters`: corrupt entries, breaker openings…).
+pub async fn cache_report(pool: &PgPool, days: i32) -> sqlx::Result<serde_json::Value> {
+    let sources = cache_statistics(pool, days).await?;
+    let counters: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, sum(value)::bigint FROM cache_counters
+         WHERE day > current_date - $1 GROUP BY name ORDER BY name",
+    )
+    .bind(days)
+    .fetch_all(pool)
+    .await?;
+    let runs: i64 = sources.iter().map(|s| s.runs).sum();
+    let hits: i64 = sources
+        .iter()
+        .filter(|s| s.source != "llm")
+        .map(|s| s.runs)
+        .sum();
+    let paid: f64 = sources.iter().map(|s| s.cost_usd).sum();
+    let without: f64 = sources.iter().map(|s| s.cost_without_caching_usd).sum();
+    Ok(serde_json::json!({
+        "days": days,
+        "runs": runs,
+        "hit_rate": if runs > 0 { hits as f64 / runs as f64 } else { 0.0 },
+        "cost_usd": paid,
+        "cost_without_caching_usd": without,
+        "saved_usd": without - paid,
+        "sources": sources,
+        "counters": counters.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+    }))
+}
+
 /// Filters and page of a call search; every filter is optional.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CallSearch {
@@ -337,6 +394,14 @@ pub struct CallSearch {
     pub metadata: Option<serde_json::Value>,
     /// With a participant of this e-mail address (case-insensitive).
     pub participant: Option<String>,
+    /// Whose rep had this role on the call.
+    pub role: Option<crate::model::Role>,
+    /// With a coaching session of this dimension (and, with scores, scoring in the range).
+    pub dimension: Option<crate::model::Dimension>,
+    /// With a coaching session (of `dimension`, if given) scoring at least this.
+    pub min_score: Option<i32>,
+    /// With a coaching session (of `dimension`, if given) scoring at most this.
+    pub max_score: Option<i32>,
     /// The last row of the previous page: (scheduled_at, id).
     pub after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
     /// Page size (1-500).
@@ -374,7 +439,8 @@ pub async fn search_calls(
     });
     sqlx::query_as(
         "SELECT id, title, product, call_type, scheduled_at, rep_id, tags
-         FROM search_calls_optimized($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         FROM search_calls_optimized($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
+                                     $14, $15)",
     )
     .bind(s.rep_id)
     .bind(&s.product)
@@ -387,6 +453,10 @@ pub async fn search_calls(
     .bind(s.after.map(|(at, _)| at))
     .bind(s.after.map(|(_, id)| id))
     .bind(s.limit)
+    .bind(s.role.map(crate::model::Role::as_str))
+    .bind(s.dimension.map(|d| d.as_str()))
+    .bind(s.min_score)
+    .bind(s.max_score)
     .fetch_all(db)
     .await
 }
@@ -537,6 +607,17 @@ pub struct RepItem {
     pub role: String,
     /// Team.
     pub team: Option<String>,
+}
+
+/// The rep with this e-mail address, compared case-insensitively (reps_email_key).
+pub async fn rep_by_email(
+    db: impl sqlx::PgExecutor<'_>,
+    email: &str,
+) -> sqlx::Result<Option<RepItem>> {
+    sqlx::query_as("SELECT id, name, email, role, team FROM reps WHERE lower(email) = lower($1)")
+        .bind(email)
+        .fetch_optional(db)
+        .await
 }
 
 /// Which reps [`list_reps`] lists.

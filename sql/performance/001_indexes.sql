@@ -41,7 +41,7 @@ END $$;
 CREATE INDEX IF NOT EXISTS coaching_sessions_rep_dim_created_idx
     ON coaching_sessions (rep_id, dimension, created_at DESC) INCLUDE (score);
 
--- Serves: get_call_with_details (latest session per dimension) and db::call_sessions.
+-- Serves: get_call_with_details (latest session per dimension).
 CREATE INDEX IF NOT EXISTS coaching_sessions_call_dim_created_idx
     ON coaching_sessions (call_id, dimension, created_at DESC);
 

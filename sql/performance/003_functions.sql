@@ -22,13 +22,16 @@ LANGUAGE sql STABLE AS $$
     ORDER BY s.dimension
 $$;
 
--- Refreshes mv_rep_performance without blocking readers; returns the time taken.
+-- Refreshes mv_rep_performance without blocking readers and records when (the rows are as
+-- of the refresh's start); returns the time taken.
 CREATE OR REPLACE FUNCTION refresh_rep_performance_view()
 RETURNS interval LANGUAGE plpgsql AS $$
 DECLARE
     started timestamptz := clock_timestamp();
 BEGIN
     REFRESH MATERIALIZED VIEW CONCURRENTLY mv_rep_performance;
+    INSERT INTO view_refreshes (view_name, refreshed_at) VALUES ('mv_rep_performance', started)
+    ON CONFLICT (view_name) DO UPDATE SET refreshed_at = EXCLUDED.refreshed_at;
     RETURN clock_timestamp() - started;
 END $$;
 
@@ -74,12 +77,26 @@ $$;
 -- The statement of search_calls_optimized for the filters given (non-NULL arguments; only
 -- whether each is NULL matters here). Parameters: $1 rep, $2 product, $3 call type, $4 from,
 -- $5 to, $6 tags (all of them), $7 metadata (contained), $8 participant e-mail, $9/$10 the
--- cursor (scheduled_at, id), $11 limit, $12 the cutoff of calls_recent_idx. Separate so
+-- cursor (scheduled_at, id), $11 limit, $12 the cutoff of calls_recent_idx, $13 rep role,
+-- $14 dimension, $15/$16 minimum and maximum score of a session (of that dimension). Separate so
 -- tests can EXPLAIN each filter mix.
+DO $$ BEGIN  -- the signatures before the role and score filters
+    IF to_regprocedure('search_calls_query(uuid, text, text, timestamptz, timestamptz, text[],
+                                           jsonb, text, timestamptz, boolean)') IS NOT NULL THEN
+        DROP FUNCTION search_calls_query(uuid, text, text, timestamptz, timestamptz, text[], jsonb,
+                                         text, timestamptz, boolean);
+    END IF;
+    IF to_regprocedure('search_calls_optimized(uuid, text, text, timestamptz, timestamptz,
+                       text[], jsonb, text, timestamptz, uuid, integer)') IS NOT NULL THEN
+        DROP FUNCTION search_calls_optimized(uuid, text, text, timestamptz, timestamptz, text[],
+                                             jsonb, text, timestamptz, uuid, integer);
+    END IF;
+END $$;
 CREATE OR REPLACE FUNCTION search_calls_query(
     p_rep_id uuid, p_product text, p_call_type text, p_from timestamptz, p_to timestamptz,
     p_tags text[], p_metadata jsonb, p_participant text, p_cursor_at timestamptz,
-    p_recent boolean)
+    p_recent boolean, p_role text DEFAULT NULL, p_dimension text DEFAULT NULL,
+    p_min_score integer DEFAULT NULL, p_max_score integer DEFAULT NULL)
 RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     q text := 'SELECT c.id, c.title, c.product, c.call_type, c.scheduled_at, c.rep_id, c.tags
@@ -94,6 +111,15 @@ BEGIN
     IF p_metadata IS NOT NULL THEN q := q || ' AND c.metadata @> $7'; END IF;
     IF p_participant IS NOT NULL THEN
         q := q || ' AND c.id IN (SELECT s.call_id FROM speakers s WHERE lower(s.email) = lower($8))';
+    END IF;
+    IF p_role IS NOT NULL THEN q := q || ' AND c.rep_role = $13'; END IF;
+    IF coalesce(p_dimension, p_min_score::text, p_max_score::text) IS NOT NULL THEN
+        -- Calls with a coaching session (of the dimension) scoring in the range.
+        q := q || ' AND EXISTS (SELECT 1 FROM coaching_sessions s WHERE s.call_id = c.id'
+               || CASE WHEN p_dimension IS NOT NULL THEN ' AND s.dimension = $14' ELSE '' END
+               || CASE WHEN p_min_score IS NOT NULL THEN ' AND s.score >= $15' ELSE '' END
+               || CASE WHEN p_max_score IS NOT NULL THEN ' AND s.score <= $16' ELSE '' END
+               || ')';
     END IF;
     IF p_cursor_at IS NOT NULL THEN q := q || ' AND (c.scheduled_at, c.id) < ($9, $10)'; END IF;
     IF p_recent THEN q := q || ' AND c.scheduled_at >= $12'; END IF;
@@ -125,7 +151,11 @@ CREATE OR REPLACE FUNCTION search_calls_optimized(
     p_participant text DEFAULT NULL,
     p_cursor_at timestamptz DEFAULT NULL,
     p_cursor_id uuid DEFAULT NULL,
-    p_limit integer DEFAULT 50)
+    p_limit integer DEFAULT 50,
+    p_role text DEFAULT NULL,
+    p_dimension text DEFAULT NULL,
+    p_min_score integer DEFAULT NULL,
+    p_max_score integer DEFAULT NULL)
 RETURNS TABLE (id uuid, title text, product text, call_type text, scheduled_at timestamptz,
                rep_id uuid, tags text[])
 LANGUAGE plpgsql STABLE AS $$
@@ -134,13 +164,15 @@ DECLARE
                            WHERE h.index_name = 'calls_recent_idx');
     q text := search_calls_query(p_rep_id, p_product, p_call_type, p_from, p_to, p_tags,
                                  p_metadata, p_participant, p_cursor_at,
-                                 coalesce(p_from >= cutoff, false));
+                                 coalesce(p_from >= cutoff, false), p_role, p_dimension,
+                                 p_min_score, p_max_score);
 BEGIN
     RETURN QUERY EXECUTE q
         USING p_rep_id, p_product, p_call_type, p_from, p_to, p_tags, p_metadata,
               p_participant, p_cursor_at,
               coalesce(p_cursor_id, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid),
-              least(greatest(p_limit, 1), 500), cutoff;
+              least(greatest(p_limit, 1), 500), cutoff, p_role, p_dimension, p_min_score,
+              p_max_score;
 END $$;
 
 -- A call with everything a call page shows, in one round trip: the call, its rep, speakers,
@@ -184,6 +216,31 @@ RETURNS TABLE (details jsonb) LANGUAGE sql STABLE AS $$
     WHERE c.id = p_call_id
 $$;
 
+-- One rep's mv_rep_performance row computed live (rep insights when the view is stale or
+-- does not hold the rep yet): the same aggregates over the rep's calls and sessions
+-- (calls_rep_scheduled_idx, coaching_sessions_rep_created_idx). A test checks it against the
+-- view after a refresh.
+CREATE OR REPLACE FUNCTION get_rep_performance_live(p_rep_id uuid)
+RETURNS TABLE (rep_id uuid, rep_name text, rep_email text, total_calls bigint,
+               total_sessions bigint, avg_score numeric, avg_product_knowledge numeric,
+               avg_discovery numeric, avg_objection_handling numeric, avg_engagement numeric,
+               last_coached timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT r.id, r.name, r.email,
+           (SELECT count(*) FROM calls c WHERE c.rep_id = r.id),
+           count(s.id),
+           round(avg(s.score), 2),
+           round(avg(s.score) FILTER (WHERE s.dimension = 'product_knowledge'), 2),
+           round(avg(s.score) FILTER (WHERE s.dimension = 'discovery'), 2),
+           round(avg(s.score) FILTER (WHERE s.dimension = 'objection_handling'), 2),
+           round(avg(s.score) FILTER (WHERE s.dimension = 'engagement'), 2),
+           max(s.created_at)
+    FROM reps r
+    LEFT JOIN coaching_sessions s ON s.rep_id = r.id
+    WHERE r.id = p_rep_id
+    GROUP BY r.id, r.name, r.email
+$$;
+
 -- Weekly average score of one dimension over the last p_days days, all reps
 -- (coaching_sessions_dim_created_idx, index-only).
 CREATE OR REPLACE FUNCTION get_score_trends(p_dimension text, p_days integer)
@@ -213,7 +270,8 @@ $$;
 
 -- Table upkeep (the maintain_tables job), in the caller's transaction:
 --  * keeps coaching_sessions partitions ahead, moving rows out of the default;
---  * retention: deletes expired cache leases, cache counters and analysis runs older than
+--  * retention: deletes expired cache leases and idempotency keys, and cache counters and
+--    analysis runs older than
 --    p_retention_days (at most p_batch rows per table a run, oldest first, so a run's
 --    transaction stays short; coaching sessions, the coaching history, are kept);
 --  * ANALYZEs tables changed by more than 10 % since their last analysis;
@@ -236,6 +294,7 @@ DECLARE
     leases bigint;
     counters bigint;
     runs bigint;
+    idempotency bigint;
     analyzed jsonb := '[]'::jsonb;
     t record;
 BEGIN
@@ -245,6 +304,10 @@ BEGIN
     GET DIAGNOSTICS leases = ROW_COUNT;
     DELETE FROM cache_counters WHERE day < horizon::date;
     GET DIAGNOSTICS counters = ROW_COUNT;
+    DELETE FROM idempotency_keys WHERE (principal, key) IN (
+        SELECT i.principal, i.key FROM idempotency_keys i WHERE i.expires_at < now()
+        ORDER BY i.expires_at LIMIT p_batch);
+    GET DIAGNOSTICS idempotency = ROW_COUNT;
     DELETE FROM analysis_runs WHERE id IN (
         SELECT r.id FROM analysis_runs r WHERE r.created_at < horizon
         ORDER BY r.created_at LIMIT p_batch);
@@ -260,7 +323,7 @@ BEGIN
     RETURN jsonb_build_object(
         'partitions', partitions,
         'deleted', jsonb_build_object('cache_leases', leases, 'cache_counters', counters,
-                                      'analysis_runs', runs),
+                                      'analysis_runs', runs, 'idempotency_keys', idempotency),
         'analyzed', analyzed,
         'vacuum', coalesce((
             SELECT jsonb_agg(s.relid::regclass::text ORDER BY s.relid::regclass::text)

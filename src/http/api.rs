@@ -89,13 +89,14 @@ pub async fn create_call(
     Ok((status, Json(json!({ "id": id, "created": created }))))
 }
 
-/// `GET /v1/calls/{id}`: a call with speakers and coaching results.
+/// `GET /v1/calls/{id}`: `get_call_with_details`: the call, its rep, speakers, transcript and
+/// the latest coaching per dimension.
 pub async fn get_call(
     State(state): State<AppState>,
     _principal: Principal,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<Value>, ApiError> {
-    db::call_details(&state.pg, id)
+    crate::performance::call_details(&state.pg, id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("call {id} does not exist")))
@@ -114,7 +115,9 @@ pub struct AnalysisRequest {
 
 /// `POST /v1/analyses`: enqueue an analysis; 202 with the job id and its status URL. Accepted
 /// as long as Postgres is up: the ledger row is durable and the relay delivers it if Redis is
-/// down. An `Idempotency-Key` header returns the first job for repeated requests.
+/// down. With an `Idempotency-Key` the response is replayed to retries (see
+/// [`super::idempotency`]) and the job carries a ledger dedup key, so even a retry that takes
+/// over an abandoned claim enqueues no second job.
 pub async fn create_analysis(
     State(state): State<AppState>,
     principal: Principal,
@@ -122,7 +125,7 @@ pub async fn create_analysis(
     ApiJson(req): ApiJson<AnalysisRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(WRITERS)?;
-    let idempotency = idempotency_key(&headers)?;
+    let idempotency = super::idempotency::key_of(&headers)?;
     state.spend.check().await?;
     if !db::call_exists(&state.pg, req.call_id).await? {
         return Err(ApiError::new(
@@ -148,21 +151,6 @@ pub async fn create_analysis(
         "created": enqueued.created,
     });
     Ok((StatusCode::ACCEPTED, Json(body)))
-}
-
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .ok()
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 200)
-        .ok_or_else(|| {
-            ApiError::bad_request("Idempotency-Key must be 1-200 visible ASCII characters")
-        })?;
-    Ok(Some(key.to_string()))
 }
 
 /// `GET /v1/jobs/{id}`: the job's ledger row.

@@ -1,5 +1,8 @@
-//! API keys: creation (the key is shown once, only its SHA-256 is stored) and the [`Principal`]
-//! extractor that authenticates `Authorization: Bearer <key>` on every non-health route.
+//! API keys: creation (the key is shown once, only its SHA-256 is stored), listing and
+//! revocation, and the [`Principal`] extractor that authenticates `Authorization: Bearer <key>`
+//! on every non-health route. Lookups are cached in memory for `AUTH_CACHE_MS` ([`KeyCache`]),
+//! so a request costs no database round trip; each lookup that does reach the database also
+//! records the key's `last_used_at`, at most once per key per cache period and process.
 
 use super::{ApiError, AppState};
 use crate::model::sha256_hex;
@@ -7,7 +10,12 @@ use axum::{extract::FromRequestParts, http::request::Parts};
 use rand::distr::{Alphanumeric, SampleString};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
-use std::str::FromStr;
+use std::{
+    collections::HashMap,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 use uuid::Uuid;
 
 /// What a key may do.
@@ -121,19 +129,111 @@ impl FromRequestParts<AppState> for Principal {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be 'Bearer <api key>'"))?;
-        let row = sqlx::query(
-            "SELECT id, name, scope FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-        )
-        .bind(sha256_hex(key))
-        .fetch_optional(&state.pg)
-        .await
-        .map_err(ApiError::from)?
-        .ok_or_else(|| ApiError::unauthorized("invalid or revoked API key"))?;
-        let scope: String = row.get("scope");
-        Ok(Principal {
-            key_id: row.get("id"),
-            name: row.get("name"),
-            scope: scope.parse().map_err(|e: String| ApiError::internal(e))?,
-        })
+        let hash = sha256_hex(key);
+        if let Some(principal) = state.keys.get(&hash) {
+            return Ok(principal);
+        }
+        let principal = lookup(&state.pg, &hash)
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("invalid or revoked API key"))?;
+        state.keys.put(hash, principal.clone());
+        Ok(principal)
     }
+}
+
+/// The unrevoked key with this hash, recording that it was used.
+async fn lookup(pg: &PgPool, hash: &str) -> Result<Option<Principal>, ApiError> {
+    let row = sqlx::query(
+        "UPDATE api_keys SET last_used_at = now() WHERE key_hash = $1 AND revoked_at IS NULL
+         RETURNING id, name, scope",
+    )
+    .bind(hash)
+    .fetch_optional(pg)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let scope: String = row.get("scope");
+    Ok(Some(Principal {
+        key_id: row.get("id"),
+        name: row.get("name"),
+        scope: scope.parse().map_err(|e: String| ApiError::internal(e))?,
+    }))
+}
+
+/// Most keys a [`KeyCache`] holds; when full it starts over (only keys in use come back).
+const MAX_CACHED_KEYS: usize = 10_000;
+
+/// Authenticated keys by hash, each kept for the cache period. Only keys that exist are
+/// cached, so random keys cannot fill it.
+#[derive(Clone)]
+pub struct KeyCache {
+    ttl: Duration,
+    entries: Arc<Mutex<HashMap<String, (Principal, Instant)>>>,
+}
+
+impl KeyCache {
+    /// An empty cache keeping entries for `ttl`.
+    pub fn new(ttl: Duration) -> KeyCache {
+        KeyCache {
+            ttl,
+            entries: Arc::default(),
+        }
+    }
+
+    fn get(&self, hash: &str) -> Option<Principal> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (principal, at) = entries.get(hash)?;
+        (at.elapsed() < self.ttl).then(|| principal.clone())
+    }
+
+    fn put(&self, hash: String, principal: Principal) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= MAX_CACHED_KEYS {
+            entries.clear();
+        }
+        entries.insert(hash, (principal, Instant::now()));
+    }
+}
+
+/// A key as listed by `callcoach apikey list` (never the key itself).
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct KeyInfo {
+    /// Key id.
+    pub id: Uuid,
+    /// The key's non-secret prefix.
+    pub prefix: String,
+    /// Who it is for.
+    pub name: String,
+    /// producer, ops or admin.
+    pub scope: String,
+    /// Created.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Last used (to within `AUTH_CACHE_MS`).
+    pub last_used_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Revoked, if it is.
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Every key, newest first.
+pub async fn list_keys(pg: &PgPool) -> sqlx::Result<Vec<KeyInfo>> {
+    sqlx::query_as(
+        "SELECT id, prefix, name, scope, created_at, last_used_at, revoked_at
+         FROM api_keys ORDER BY created_at DESC",
+    )
+    .fetch_all(pg)
+    .await
+}
+
+/// Revokes the key with this id or prefix; `None` when no unrevoked key matches. Every
+/// process refuses it within `AUTH_CACHE_MS`.
+pub async fn revoke_key(pg: &PgPool, id_or_prefix: &str) -> sqlx::Result<Option<KeyInfo>> {
+    let id = id_or_prefix.parse::<Uuid>().ok();
+    sqlx::query_as(
+        "UPDATE api_keys SET revoked_at = now()
+         WHERE (id = $1 OR prefix = $2) AND revoked_at IS NULL
+         RETURNING id, prefix, name, scope, created_at, last_used_at, revoked_at",
+    )
+    .bind(id)
+    .bind(id_or_prefix)
+    .fetch_optional(pg)
+    .await
 }

@@ -3,15 +3,18 @@
 
 pub mod api;
 pub mod auth;
+pub mod idempotency;
+pub mod reads;
 
 use crate::{config::Settings, queue::Queue};
 use axum::{
     Json, Router,
     extract::{
         DefaultBodyLimit, FromRequest, FromRequestParts, Request,
-        rejection::{JsonRejection, PathRejection},
+        rejection::{JsonRejection, PathRejection, QueryRejection},
     },
     http::StatusCode,
+    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
@@ -40,6 +43,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The fleet's LLM budgets: interactive analyses are refused once one is spent.
     pub spend: crate::llm::limits::SpendGuard,
+    /// Authenticated API keys, cached for `AUTH_CACHE_MS`.
+    pub keys: auth::KeyCache,
 }
 
 /// Builds the router with every route and layer.
@@ -48,9 +53,20 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
-        .route("/v1/calls", post(api::create_call))
+        .route(
+            "/v1/calls",
+            post(api::create_call)
+                .route_layer(from_fn_with_state(state.clone(), idempotency::idempotent)),
+        )
+        .route("/v1/calls/search", get(reads::search_calls))
         .route("/v1/calls/{id}", get(api::get_call))
-        .route("/v1/analyses", post(api::create_analysis))
+        .route("/v1/reps/{email}/insights", get(reads::rep_insights))
+        .route("/v1/cache/stats", get(reads::cache_stats))
+        .route(
+            "/v1/analyses",
+            post(api::create_analysis)
+                .route_layer(from_fn_with_state(state.clone(), idempotency::idempotent)),
+        )
         .route("/v1/jobs/{id}", get(api::get_job))
         .route("/v1/rubrics/{role}/{dimension}", put(api::put_rubric))
         .fallback(api::not_found)
@@ -223,6 +239,31 @@ fn path_rejection(rejection: PathRejection) -> ApiError {
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "invalid_path",
+        rejection.body_text(),
+    )
+}
+
+/// `Query<T>` whose rejection is a 400 naming the bad parameter.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(query_rejection(rejection)),
+        }
+    }
+}
+
+fn query_rejection(rejection: QueryRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
         rejection.body_text(),
     )
 }

@@ -500,7 +500,7 @@ async fn table_upkeep_deletes_what_outlived_its_retention_and_keeps_the_rest() {
     let report = performance::maintain_tables(&app.app.pg).await.unwrap();
     assert_eq!(
         report["deleted"],
-        serde_json::json!({"analysis_runs": 1, "cache_counters": 1, "cache_leases": 1})
+        serde_json::json!({"analysis_runs": 1, "cache_counters": 1, "cache_leases": 1, "idempotency_keys": 0})
     );
     let left: (String, i64, String) = sqlx::query_as(
         "SELECT (SELECT string_agg(cache_key, ',') FROM analysis_runs),
