@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod cost;
 pub mod db;
+pub mod http;
 pub mod queue;
 
 use crate::config::Settings;
@@ -11,6 +12,16 @@ use crate::config::Settings;
 /// Benchmarks.
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
+    /// HTTP requests/s and latency: /healthz (the floor), an authenticated job read and a
+    /// search, each under `--connections` concurrent clients for `--secs`.
+    Http {
+        /// Seconds each scenario is driven.
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
+        /// Concurrent keep-alive clients.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        connections: u16,
+    },
     /// Queue throughput and pick-up latency against raw Redis list operations.
     Queue {
         /// Jobs to enqueue and process.
@@ -91,6 +102,16 @@ pub enum BenchCommand {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let settings = Settings::from_env()?;
     let report = match cmd {
+        BenchCommand::Http { secs, connections } => {
+            if !(secs > 0.0 && secs <= 600.0) {
+                anyhow::bail!("--secs must be more than 0 and at most 600");
+            }
+            let bench = http::HttpBench {
+                secs,
+                connections: usize::from(connections),
+            };
+            http::run(settings, bench).await?
+        }
         BenchCommand::Queue {
             jobs,
             concurrency,

@@ -1,0 +1,198 @@
+//! `bench http`: requests per second and latency of the HTTP front under load, for
+//! `/healthz` (the floor: no key, no database), an authenticated `GET /v1/jobs/{id}` (a key
+//! lookup, cached, and a ledger read) and a call search, each driven for a fixed time by a
+//! built-in load generator: `connections` concurrent keep-alive clients sending requests back
+//! to back. The server is the project's own router on a loopback port of this process, so the
+//! generator and the server share the machine's cores, as `wrk` on the same host would.
+//! What it creates (an API key, a call, a queued job) is removed at the end.
+
+use super::{ratio, round1, summary_us};
+use crate::{App, config::Settings, db, http::auth, model::CallInput};
+use anyhow::Context;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct HttpBench {
+    /// Seconds each scenario is driven.
+    pub secs: f64,
+    /// Concurrent clients.
+    pub connections: usize,
+}
+
+/// Runs the benchmark.
+pub async fn run(settings: Settings, bench: HttpBench) -> anyhow::Result<Value> {
+    let app = App::build(settings)?;
+    db::migrate(&app.pg).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    let server = {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move { app.serve(listener, stop).await })
+    };
+    let fixture = Fixture::create(&app, &base).await?;
+    let measured = measure(&bench, &base, &fixture).await;
+    fixture.remove(&app).await?;
+    stop.cancel();
+    server.await.context("server task")??;
+    measured
+}
+
+/// The rows the scenarios read.
+struct Fixture {
+    key: String,
+    key_id: Uuid,
+    call_id: Uuid,
+    job_id: Uuid,
+}
+
+impl Fixture {
+    async fn create(app: &App, base: &str) -> anyhow::Result<Fixture> {
+        let run = Uuid::new_v4().simple().to_string();
+        let key =
+            auth::create_key(&app.pg, &format!("bench-http-{run}"), auth::Scope::Producer).await?;
+        let mut call: CallInput =
+            serde_json::from_str(include_str!("../../jobs/samples/call-01.json"))?;
+        call.external_id = Some(format!("bench-http-{run}"));
+        let (call_id, _) = db::insert_call(&app.pg, &call).await?;
+        let response: Value = reqwest::Client::new()
+            .post(format!("{base}/v1/analyses"))
+            .bearer_auth(&key.key)
+            .json(&json!({ "call_id": call_id, "dimensions": ["discovery"] }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let job_id = response["job_id"]
+            .as_str()
+            .context("no job_id in the analysis response")?
+            .parse()?;
+        Ok(Fixture {
+            key: key.key,
+            key_id: key.id,
+            call_id,
+            job_id,
+        })
+    }
+
+    async fn remove(&self, app: &App) -> anyhow::Result<()> {
+        sqlx::query("DELETE FROM jobs WHERE id = $1")
+            .bind(self.job_id)
+            .execute(&app.pg)
+            .await?;
+        sqlx::query("DELETE FROM calls WHERE id = $1")
+            .bind(self.call_id)
+            .execute(&app.pg)
+            .await?;
+        sqlx::query("DELETE FROM api_keys WHERE id = $1")
+            .bind(self.key_id)
+            .execute(&app.pg)
+            .await?;
+        Ok(())
+    }
+}
+
+/// One scenario's figures.
+struct Load {
+    requests: usize,
+    errors: usize,
+    secs: f64,
+    latencies_us: Vec<f64>,
+}
+
+impl Load {
+    fn per_sec(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+
+    fn report(self) -> Value {
+        let per_sec = self.per_sec();
+        json!({
+            "requests": self.requests,
+            "errors": self.errors,
+            "requests_per_sec": per_sec.round(),
+            "latency": summary_us(self.latencies_us),
+        })
+    }
+}
+
+async fn measure(bench: &HttpBench, base: &str, f: &Fixture) -> anyhow::Result<Value> {
+    let healthz = drive(bench, format!("{base}/healthz"), None).await?;
+    let job = drive(bench, format!("{base}/v1/jobs/{}", f.job_id), Some(&f.key)).await?;
+    let search = drive(
+        bench,
+        format!("{base}/v1/calls/search?limit=20"),
+        Some(&f.key),
+    )
+    .await?;
+    let (floor, job_rate) = (healthz.per_sec(), job.per_sec());
+    Ok(json!({
+        "benchmark": "http",
+        "config": { "secs": bench.secs, "connections": bench.connections },
+        "healthz": healthz.report(),
+        "job_read": job.report(),
+        "search": search.report(),
+        "job_read_vs_healthz": round1(ratio(job_rate, floor) * 100.0) / 100.0,
+        "target_job_read_vs_healthz": 1.0 / 3.0,
+        "met": ratio(job_rate, floor) >= 1.0 / 3.0,
+    }))
+}
+
+/// `connections` clients GET `url` back to back for `bench.secs`.
+async fn drive(bench: &HttpBench, url: String, key: Option<&str>) -> anyhow::Result<Load> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(bench.connections)
+        .build()?;
+    let deadline = Instant::now() + Duration::from_secs_f64(bench.secs);
+    let started = Instant::now();
+    let clients = (0..bench.connections).map(|_| {
+        let (client, url, key) = (client.clone(), url.clone(), key.map(str::to_string));
+        tokio::spawn(async move { client_loop(client, url, key, deadline).await })
+    });
+    let mut load = Load {
+        requests: 0,
+        errors: 0,
+        secs: 0.0,
+        latencies_us: Vec::new(),
+    };
+    for finished in futures::future::join_all(clients).await {
+        let (latencies, errors) = finished?;
+        load.requests += latencies.len();
+        load.errors += errors;
+        load.latencies_us.extend(latencies);
+    }
+    load.secs = started.elapsed().as_secs_f64();
+    Ok(load)
+}
+
+/// One client's latencies of successful requests and its error count.
+async fn client_loop(
+    client: reqwest::Client,
+    url: String,
+    key: Option<String>,
+    deadline: Instant,
+) -> (Vec<f64>, usize) {
+    let (mut latencies, mut errors) = (Vec::new(), 0);
+    while Instant::now() < deadline {
+        let mut request = client.get(&url);
+        if let Some(key) = &key {
+            request = request.bearer_auth(key);
+        }
+        let t = Instant::now();
+        let ok = match request.send().await {
+            Ok(response) => response.status().is_success() && response.bytes().await.is_ok(),
+            Err(_) => false,
+        };
+        if ok {
+            latencies.push(t.elapsed().as_secs_f64() * 1e6);
+        } else {
+            errors += 1;
+        }
+    }
+    (latencies, errors)
+}
