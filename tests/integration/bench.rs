@@ -98,3 +98,33 @@ async fn bench_db_measures_every_query_against_a_baseline_in_its_own_database() 
         .unwrap();
     assert!(!touched, "the configured database was migrated");
 }
+
+#[tokio::test]
+async fn bench_http_drives_every_scenario_and_leaves_nothing_behind() {
+    let app = crate::helpers::spawn_app().await;
+    let db = app.env["DATABASE_URL"].clone();
+    let redis = app.env["REDIS_URL"].clone();
+    let env = [("DATABASE_URL", db.as_str()), ("REDIS_URL", redis.as_str())];
+    let out = callcoach(
+        &env,
+        &["bench", "http", "--secs", "0.5", "--connections", "4"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the report is JSON");
+    for scenario in ["healthz", "job_read", "search"] {
+        positive(&report[scenario]["requests_per_sec"], scenario);
+        assert_eq!(report[scenario]["errors"], 0, "{scenario}: {report}");
+        assert_latencies(&report[scenario]["latency"], scenario);
+    }
+    positive(&report["job_read_vs_healthz"], "job_read_vs_healthz");
+    let left: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM calls), (SELECT count(*) FROM api_keys WHERE name LIKE 'bench-http-%')",
+    )
+    .fetch_one(&app.app.pg)
+    .await
+    .unwrap();
+    assert_eq!(left, (0, 0));
+    let out = callcoach(&env, &["bench", "http", "--secs", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--secs"), "{}", stderr(&out));
+}
