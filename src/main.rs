@@ -277,6 +277,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Db(DbCommand::Seed(ref args)) => {
             args.options().validate().map_err(anyhow::Error::msg)?
         }
+        Command::Enqueue(EnqueueCommand::Analysis { ref dimensions, .. }) => {
+            callcoach::model::dimension_set(dimensions).map_err(anyhow::Error::msg)?;
+        }
         _ => {}
     }
     let mut settings = Settings::from_env()?;
@@ -309,7 +312,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let job = AnalyzeCall {
                 call_id,
-                dimensions,
+                dimensions: callcoach::model::dimension_set(&dimensions)
+                    .map_err(anyhow::Error::msg)?,
                 batch: false,
             };
             let enqueued = app.queue.enqueue(job.to_job()?).await?;

@@ -8,7 +8,7 @@ use crate::{
     db,
     jobs::{AnalyzeCall, InvalidateRubric, Job},
     ledger,
-    model::{CallInput, Dimension, Role},
+    model::{self, CallInput, Dimension, Role},
 };
 use axum::{
     Json,
@@ -108,7 +108,7 @@ pub async fn get_call(
 pub struct AnalysisRequest {
     /// Call to analyse.
     pub call_id: Uuid,
-    /// Dimensions (all four when omitted or empty).
+    /// Dimensions (all four when omitted or empty); at most four, duplicates removed.
     #[serde(default)]
     pub dimensions: Vec<Dimension>,
 }
@@ -125,6 +125,7 @@ pub async fn create_analysis(
     ApiJson(req): ApiJson<AnalysisRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     principal.require(WRITERS)?;
+    let dimensions = model::dimension_set(&req.dimensions).map_err(ApiError::bad_request)?;
     let idempotency = super::idempotency::key_of(&headers)?;
     state.spend.check().await?;
     if !db::call_exists(&state.pg, req.call_id).await? {
@@ -136,7 +137,7 @@ pub async fn create_analysis(
     }
     let job = AnalyzeCall {
         call_id: req.call_id,
-        dimensions: req.dimensions,
+        dimensions,
         batch: false,
     };
     let mut job = job.to_job().map_err(ApiError::internal)?;
@@ -169,9 +170,9 @@ pub async fn get_job(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RubricRequest {
-    /// New version label (1-50 characters, no `:`).
+    /// New version label ([`model::check_rubric_version`]: `1.2.0`, `2026-06`, …).
     pub version: String,
-    /// Criteria text given to the model.
+    /// Criteria text given to the model (at most [`model::MAX_RUBRIC_CRITERIA_CHARS`]).
     pub criteria: String,
 }
 
@@ -187,14 +188,12 @@ pub async fn put_rubric(
     principal.require(&[Scope::Admin])?;
     let role: Role = role.parse().map_err(ApiError::bad_request)?;
     let dimension: Dimension = dimension.parse().map_err(ApiError::bad_request)?;
-    let version = req.version.trim();
-    if version.is_empty() || version.len() > 50 || version.contains(':') {
-        return Err(ApiError::bad_request(
-            "version must be 1-50 characters without ':'",
-        ));
-    }
-    if req.criteria.trim().is_empty() || req.criteria.len() > 20_000 {
-        return Err(ApiError::bad_request("criteria must be 1-20000 characters"));
+    model::check_rubric_version(&req.version).map_err(ApiError::bad_request)?;
+    let version = req.version.as_str();
+    model::check_text("criteria", &req.criteria, model::MAX_RUBRIC_CRITERIA_CHARS)
+        .map_err(ApiError::bad_request)?;
+    if req.criteria.trim().is_empty() {
+        return Err(ApiError::bad_request("criteria must not be empty"));
     }
     let mut tx = state.pg.begin().await?;
     let update = db::replace_rubric(&mut tx, role, dimension, version, &req.criteria).await?;

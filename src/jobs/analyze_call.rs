@@ -32,8 +32,9 @@ use uuid::Uuid;
 pub struct AnalyzeCall {
     /// The call to analyse.
     pub call_id: Uuid,
-    /// Dimensions to analyse; all four when empty.
-    #[serde(default)]
+    /// Dimensions to analyse; all four when empty. A payload is decoded with at most four
+    /// entries and without duplicates ([`crate::model::dimension_set`]).
+    #[serde(default, deserialize_with = "crate::model::deserialize_dimension_set")]
     pub dimensions: Vec<Dimension>,
     /// Nobody waits for this analysis (re-analysis after a rubric change, scheduled
     /// warming): with `LLM_BATCH_MODE` on, it goes through the Message Batches API at half

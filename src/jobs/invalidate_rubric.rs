@@ -16,7 +16,8 @@ pub struct InvalidateRubric {
     pub role: Role,
     /// Dimension of the rubric.
     pub dimension: Dimension,
-    /// The superseded version whose entries go.
+    /// The superseded version whose entries go ([`crate::model::check_rubric_version`]).
+    #[serde(deserialize_with = "crate::model::deserialize_rubric_version")]
     pub version: String,
 }
 
