@@ -97,6 +97,19 @@ pub struct Settings {
     pub auth_cache: Duration,
     /// How long an `Idempotency-Key` is remembered (`IDEMPOTENCY_TTL_SECS`, default 86400).
     pub idempotency_ttl: Duration,
+    /// Largest request body the HTTP front accepts (`HTTP_MAX_BODY_BYTES`, default 2 MiB);
+    /// larger bodies get `413`.
+    pub http_max_body_bytes: usize,
+    /// Time a client has to send a request's headers (`HTTP_HEADER_TIMEOUT_MS`, default
+    /// 10000), counted from the connection's start or the end of its previous response: it
+    /// is also the keep-alive idle timeout. A client past it is disconnected.
+    pub http_header_timeout: Duration,
+    /// Time a client has to send a request's whole body once its headers arrived
+    /// (`HTTP_BODY_TIMEOUT_MS`, default 30000); a body still incomplete then gets `408`.
+    pub http_body_timeout: Duration,
+    /// Most connections the HTTP front serves at once (`HTTP_MAX_CONNECTIONS`, default 1024);
+    /// further clients wait in the listen backlog until one closes.
+    pub http_max_connections: usize,
     /// Concurrent interactive jobs per worker process (`WORKER_CONCURRENCY`, default 8).
     pub worker_concurrency: usize,
     /// Concurrent background jobs per worker process (`WORKER_BACKGROUND_CONCURRENCY`,
@@ -212,6 +225,25 @@ impl Settings {
             )?),
             auth_cache: Duration::from_millis(positive(get, "AUTH_CACHE_MS", 5000)?),
             idempotency_ttl: Duration::from_secs(positive(get, "IDEMPOTENCY_TTL_SECS", 86_400)?),
+            http_max_body_bytes: bounded(
+                get,
+                "HTTP_MAX_BODY_BYTES",
+                crate::http::MAX_BODY_BYTES,
+                1024..=1024 * 1024 * 1024,
+            )?,
+            http_header_timeout: Duration::from_millis(bounded(
+                get,
+                "HTTP_HEADER_TIMEOUT_MS",
+                10_000,
+                1..=3_600_000,
+            )?),
+            http_body_timeout: Duration::from_millis(bounded(
+                get,
+                "HTTP_BODY_TIMEOUT_MS",
+                30_000,
+                1..=3_600_000,
+            )?),
+            http_max_connections: bounded(get, "HTTP_MAX_CONNECTIONS", 1024, 1..=1_000_000)?,
             worker_concurrency: positive(get, "WORKER_CONCURRENCY", 8)?,
             job_max_attempts: positive(get, "JOB_MAX_ATTEMPTS", 5)?,
             worker_poll: Duration::from_millis(positive(get, "WORKER_POLL_MS", 50)?),
@@ -298,6 +330,31 @@ where
     let value = parse(get, var, default)?;
     if value <= T::default() {
         return Err(bad(var, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+/// A number within `range` (inclusive), `default` when unset.
+fn bounded<T>(
+    get: &Env<'_>,
+    var: &'static str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+    T::Err: fmt::Display,
+{
+    let value = parse(get, var, default)?;
+    if !range.contains(&value) {
+        return Err(bad(
+            var,
+            format!(
+                "{value} is out of range (expected {} to {})",
+                range.start(),
+                range.end()
+            ),
+        ));
     }
     Ok(value)
 }
@@ -461,6 +518,38 @@ mod tests {
         }
         let err = Settings::from_map(&HashMap::new()).unwrap_err();
         assert_eq!(err.var, "DATABASE_URL");
+    }
+
+    #[test]
+    fn http_limits_are_configurable_and_checked() {
+        let s = Settings::from_map(&env(&[])).unwrap();
+        assert_eq!(s.http_max_body_bytes, 2 * 1024 * 1024);
+        assert_eq!(s.http_header_timeout, Duration::from_secs(10));
+        assert_eq!(s.http_body_timeout, Duration::from_secs(30));
+        assert_eq!(s.http_max_connections, 1024);
+        let s = Settings::from_map(&env(&[
+            ("HTTP_MAX_BODY_BYTES", "65536"),
+            ("HTTP_HEADER_TIMEOUT_MS", "300"),
+            ("HTTP_BODY_TIMEOUT_MS", "500"),
+            ("HTTP_MAX_CONNECTIONS", "4"),
+        ]))
+        .unwrap();
+        assert_eq!(s.http_max_body_bytes, 65_536);
+        assert_eq!(s.http_header_timeout, Duration::from_millis(300));
+        assert_eq!(s.http_body_timeout, Duration::from_millis(500));
+        assert_eq!(s.http_max_connections, 4);
+        for (var, value) in [
+            ("HTTP_MAX_BODY_BYTES", "0"),
+            ("HTTP_MAX_BODY_BYTES", "2GiB"),
+            ("HTTP_HEADER_TIMEOUT_MS", "0"),
+            ("HTTP_HEADER_TIMEOUT_MS", "-1"),
+            ("HTTP_BODY_TIMEOUT_MS", "soon"),
+            ("HTTP_MAX_CONNECTIONS", "0"),
+            ("HTTP_MAX_CONNECTIONS", "99999999"),
+        ] {
+            let err = Settings::from_map(&env(&[(var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{value}: {err}");
+        }
     }
 
     #[test]

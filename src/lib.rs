@@ -180,14 +180,16 @@ impl App {
         })
     }
 
-    /// Serves HTTP on `listener` until `shutdown` is cancelled.
+    /// Serves HTTP on `listener` until `shutdown` is cancelled, under the configured header
+    /// and body timeouts and connection limit ([`http::server`]); then waits for open
+    /// connections to finish their requests.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        let limits = http::server::ServerLimits::from_settings(&self.settings);
+        http::server::serve(listener, self.router(), limits, shutdown)
             .await
             .context("HTTP server failed")
     }

@@ -41,13 +41,7 @@ pub async fn idempotent(
         return Ok(next.run(request).await);
     };
     let (parts, body) = request.into_parts();
-    let body = to_bytes(body, super::MAX_BODY_BYTES).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            e.to_string(),
-        )
-    })?;
+    let body = super::read_body(body, state.settings.http_max_body_bytes).await?;
     let fingerprint = sha256_hex(&format!(
         "{} {}\n{}",
         parts.method,

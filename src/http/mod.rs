@@ -5,10 +5,12 @@ pub mod api;
 pub mod auth;
 pub mod idempotency;
 pub mod reads;
+pub mod server;
 
 use crate::{config::Settings, queue::Queue};
 use axum::{
     Json, Router,
+    body::{Body, Bytes},
     extract::{
         DefaultBodyLimit, FromRequest, FromRequestParts, Request,
         rejection::{JsonRejection, PathRejection, QueryRejection},
@@ -25,7 +27,8 @@ use sqlx::PgPool;
 use std::sync::Arc;
 use tower_http::{compression::CompressionLayer, trace::TraceLayer};
 
-/// Largest request body accepted (2 MiB): enough for a long transcript.
+/// Default largest request body accepted (2 MiB, `HTTP_MAX_BODY_BYTES`): enough for a long
+/// transcript.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// State shared by every handler.
@@ -49,6 +52,7 @@ pub struct AppState {
 
 /// Builds the router with every route and layer.
 pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.settings.http_max_body_bytes;
     Router::new()
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
@@ -71,7 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rubrics/{role}/{dimension}", put(api::put_rubric))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(CompressionLayer::new().gzip(true))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
@@ -192,27 +196,103 @@ impl From<crate::queue::QueueError> for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections are [`ApiError`]s: 400 for malformed JSON, 415 for a wrong
-/// content type, 413 for an oversize body, 422 for JSON of the wrong shape.
+/// `Json<T>` whose rejections are [`ApiError`]s: 415 for a wrong content type, 413 for an
+/// oversize body, 408 for a body not received in time, 400 for a body that is not UTF-8 or not
+/// JSON, 422 for JSON of the wrong shape.
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected a JSON body with Content-Type: application/json",
+            ));
+        }
+        let bytes = read_body(req.into_body(), state.settings.http_max_body_bytes).await?;
+        if let Err(e) = std::str::from_utf8(&bytes) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_utf8",
+                format!(
+                    "request body is not valid UTF-8 (invalid byte at offset {})",
+                    e.valid_up_to()
+                ),
+            ));
+        }
+        match Json::<T>::from_bytes(&bytes) {
             Ok(Json(value)) => Ok(ApiJson(value)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
 }
 
+/// `application/json` or any `application/*+json`, parameters (`; charset=…`) ignored.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence.split_once('/').is_some_and(|(kind, sub)| {
+        kind == "application" && (sub == "json" || sub.ends_with("+json"))
+    })
+}
+
+/// Reads a whole request body of at most `limit` bytes (`HTTP_MAX_BODY_BYTES`): 413 past the
+/// limit, 408 when the server's body deadline ([`server::BodyTimeout`]) passes first, 400 when
+/// the body breaks off.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if let Some(timeout) = find_cause::<server::BodyTimeout>(&e) {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                timeout.to_string(),
+            );
+        }
+        if find_cause::<http_body_util::LengthLimitError>(&e).is_some() {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body exceeds {limit} bytes (HTTP_MAX_BODY_BYTES)"),
+            );
+        }
+        let cause = std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .last()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("could not read the request body: {cause}"),
+        )
+    })
+}
+
+/// The first error of type `E` in `error`'s source chain.
+fn find_cause<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    std::iter::successors(Some(error), |e| e.source()).find_map(|e| e.downcast_ref::<E>())
+}
+
 fn json_rejection(rejection: JsonRejection) -> ApiError {
     let code = match &rejection {
         JsonRejection::JsonSyntaxError(_) => "invalid_json",
         JsonRejection::JsonDataError(_) => "invalid_request",
-        JsonRejection::MissingJsonContentType(_) => "unsupported_media_type",
-        _ if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
         _ => "invalid_body",
     };
     ApiError::new(rejection.status(), code, rejection.body_text())
