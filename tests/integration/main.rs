@@ -2,6 +2,7 @@
 //! `deploy/dev.sh test`) and the in-process LLM emulator.
 
 mod api;
+mod bad_input;
 mod bench;
 mod cache;
 mod cli;
