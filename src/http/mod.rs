@@ -4,6 +4,7 @@
 pub mod api;
 pub mod auth;
 pub mod idempotency;
+pub mod limits;
 pub mod reads;
 
 use crate::{config::Settings, queue::Queue};
@@ -49,6 +50,7 @@ pub struct AppState {
 
 /// Builds the router with every route and layer.
 pub fn router(state: AppState) -> Router {
+    let limits = limits::RateLimits::new(&state);
     Router::new()
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
@@ -69,6 +71,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/jobs/{id}", get(api::get_job))
         .route("/v1/rubrics/{role}/{dimension}", put(api::put_rubric))
+        // Rate limits per API key and route class: keep this after the last route (a
+        // route_layer covers the routes added before it; /healthz and /readyz are exempt).
+        .route_layer(from_fn_with_state(limits, limits::enforce))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
