@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod compression;
 pub mod idempotency;
 pub mod limits;
 pub mod reads;
@@ -24,7 +25,7 @@ use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use std::sync::Arc;
-use tower_http::{compression::CompressionLayer, trace::TraceLayer};
+use tower_http::trace::TraceLayer;
 
 /// Largest request body accepted (2 MiB): enough for a long transcript.
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -77,7 +78,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(CompressionLayer::new().gzip(true))
+        .layer(axum::middleware::from_fn(compression::gzip))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
