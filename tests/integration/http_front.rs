@@ -354,6 +354,105 @@ async fn spoofed_identities_and_varied_paths_share_the_keys_bucket() {
     assert_eq!(resp.status(), 429);
 }
 
+/// Each class has its limit and bucket, picked by the matched route: every rep's insights
+/// share one bucket, search and analyses have their own, other reads and writes theirs.
+#[tokio::test]
+async fn classes_follow_the_matched_route() {
+    let app = limited_app(&[
+        ("RATE_LIMIT_GET_PER_MIN", "100"),
+        ("RATE_LIMIT_POST_PER_MIN", "30"),
+        ("RATE_LIMIT_ANALYSIS_PER_MIN", "10"),
+        ("RATE_LIMIT_INSIGHTS_PER_MIN", "20"),
+        ("RATE_LIMIT_SEARCH_PER_MIN", "50"),
+    ])
+    .await;
+    let (_, key) = new_key(&app, "classes").await;
+    let call_id = app.ingest(&sample_call("classes")).await;
+    let send = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let mut req = app.http.request(method, app.url(&path)).bearer_auth(&key);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        async move { req.send().await.unwrap() }
+    };
+    let get = reqwest::Method::GET;
+    let post = reqwest::Method::POST;
+    let cases = [
+        (
+            get.clone(),
+            "/v1/reps/ana@lumen.example/insights".to_string(),
+            None,
+            "insights",
+            20,
+            19,
+        ),
+        (
+            get.clone(),
+            "/v1/reps/nobody@lumen.example/insights".into(),
+            None,
+            "insights",
+            20,
+            18,
+        ),
+        (
+            get.clone(),
+            "/v1/reps/x%40y.example/insights?days=7".into(),
+            None,
+            "insights",
+            20,
+            17,
+        ),
+        (
+            get.clone(),
+            "/v1/calls/search?limit=5".into(),
+            None,
+            "search",
+            50,
+            49,
+        ),
+        (
+            get.clone(),
+            format!("/v1/calls/{call_id}"),
+            None,
+            "get",
+            100,
+            99,
+        ),
+        (get.clone(), job_path(), None, "get", 100, 98),
+        (
+            post.clone(),
+            "/v1/analyses".into(),
+            Some(json!({ "call_id": call_id, "dimensions": ["discovery"] })),
+            "analysis",
+            10,
+            9,
+        ),
+        (
+            post.clone(),
+            "/v1/calls".into(),
+            Some(sample_call("classes-2")),
+            "post",
+            30,
+            29,
+        ),
+    ];
+    for (method, path, body, class, limit, left) in cases {
+        let resp = send(method, path.clone(), body).await;
+        assert!(resp.status().as_u16() < 500, "{path}: {}", resp.status());
+        assert_eq!(
+            header_of(&resp, "ratelimit-policy").unwrap(),
+            format!("\"{class}\";q={limit};w=60"),
+            "{path}"
+        );
+        assert_eq!(remaining(&resp), Some(left), "{path}");
+        let current = header_of(&resp, "ratelimit").unwrap();
+        assert!(
+            current.starts_with(&format!("\"{class}\";r={left};t=")),
+            "{path}: {current}"
+        );
+    }
+}
+
 /// 300 requests at once against 100/min: 100 admitted (plus what refills while they run,
 /// nothing when they take under 0.6 s), the rest 429, none a 5xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
