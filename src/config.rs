@@ -3,6 +3,7 @@
 //! Every variable has one parser; a bad value stops start-up with a [`ConfigError`] naming the
 //! variable. Secrets are wrapped in [`Secret`], whose `Debug`/`Display` never show the value.
 
+use crate::http::limits::RateLimitSettings;
 use crate::llm::{
     limits::{FleetLimits, SpendBudgets},
     prompt::{BlockOrder, CacheTtl, Effort, PromptOptions},
@@ -159,6 +160,9 @@ pub struct Settings {
     /// A delivered job not started this long after its due time is checked against Redis and
     /// re-issued if Redis lost it (`REDELIVER_AFTER_SECS`, default 30).
     pub redeliver_after: Duration,
+    /// HTTP rate limits per API key and route class (`RATE_LIMIT_*`, see
+    /// [`crate::http::limits`]).
+    pub http_rate_limits: RateLimitSettings,
 }
 
 impl Settings {
@@ -276,6 +280,7 @@ impl Settings {
             llm_fan_out_wait: Duration::from_secs(parse(get, "LLM_FAN_OUT_WAIT_SECS", 30)?),
             llm_batch_mode: parse_bool(get, "LLM_BATCH_MODE", true)?,
             batch_poll: Duration::from_secs(positive(get, "BATCH_POLL_SECS", 60)?),
+            http_rate_limits: http_rate_limits(get)?,
         };
         Ok(settings)
     }
@@ -383,6 +388,20 @@ fn url(get: &Env<'_>, var: &'static str, default: &str) -> Result<String, Config
         return Err(bad(var, "must start with http:// or https://"));
     }
     Ok(value.trim_end_matches('/').to_string())
+}
+
+/// `RATE_LIMIT_*`: every limit and the timeout must be positive.
+fn http_rate_limits(get: &Env<'_>) -> Result<RateLimitSettings, ConfigError> {
+    let d = RateLimitSettings::default();
+    Ok(RateLimitSettings {
+        enabled: parse_bool(get, "RATE_LIMIT_ENABLED", d.enabled)?,
+        get_per_min: positive(get, "RATE_LIMIT_GET_PER_MIN", d.get_per_min)?,
+        post_per_min: positive(get, "RATE_LIMIT_POST_PER_MIN", d.post_per_min)?,
+        analysis_per_min: positive(get, "RATE_LIMIT_ANALYSIS_PER_MIN", d.analysis_per_min)?,
+        insights_per_min: positive(get, "RATE_LIMIT_INSIGHTS_PER_MIN", d.insights_per_min)?,
+        search_per_min: positive(get, "RATE_LIMIT_SEARCH_PER_MIN", d.search_per_min)?,
+        timeout: Duration::from_millis(positive(get, "RATE_LIMIT_TIMEOUT_MS", 25)?),
+    })
 }
 
 /// `CLAUDE_MODEL`: in the model table and still served today; a deprecated model is logged

@@ -31,7 +31,9 @@
 //! # When Redis is unreachable
 //! Every Redis call has a short timeout ([`LimiterOptions::timeout`]), so a hung Redis counts
 //! as unreachable just like a refused connection. After a failure the limiter skips Redis for
-//! a second, then tries it again. What happens meanwhile is chosen per use with [`FailMode`]:
+//! a second, then tries it again. An outage is logged twice: a warning when the first call
+//! fails and a line when Redis answers again, however many calls fall back in between. What
+//! happens meanwhile is chosen per use with [`FailMode`]:
 //! - [`FailMode::Open`] allows everything (the HTTP front: a Redis outage must not take the API
 //!   down with it);
 //! - [`FailMode::LocalShare`] falls back to an in-process bucket with the capacity and refill
@@ -50,7 +52,10 @@ use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -328,6 +333,8 @@ pub struct RateLimiter {
     local: Arc<Mutex<LocalBuckets>>,
     /// Until when Redis is skipped after a failure.
     skip_until: Arc<Mutex<Option<Instant>>>,
+    /// Whether the last Redis call was answered (for logging outages once).
+    reachable: Arc<Reachability>,
 }
 
 impl RateLimiter {
@@ -340,6 +347,7 @@ impl RateLimiter {
             counters: Arc::new(redis::Script::new(COUNTER_SCRIPT)),
             local: Arc::default(),
             skip_until: Arc::default(),
+            reachable: Arc::default(),
         }
     }
 
@@ -454,20 +462,36 @@ impl RateLimiter {
             ));
         }
         let message = match tokio::time::timeout(self.options.timeout, call).await {
-            Ok(Ok(value)) => return Ok(value),
+            Ok(Ok(value)) => {
+                if self.reachable.answered() {
+                    tracing::info!(mode = self.mode_name(), "rate limiter: redis answers again");
+                }
+                return Ok(value);
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.options.timeout),
         };
-        tracing::warn!(error = %message, "rate limiter: redis unreachable");
+        if self.reachable.failed() {
+            tracing::warn!(
+                error = %message,
+                mode = self.mode_name(),
+                "rate limiter: redis unreachable; answering with the fail mode until it is back"
+            );
+        }
         *lock(&self.skip_until) = Some(Instant::now() + SKIP_AFTER_FAILURE);
         Err(RateLimitError::Unavailable(message))
     }
 
-    fn fallback(&self, op: Op, items: &[(Bucket, f64)], error: &RateLimitError) -> Decision {
-        let mode = match self.options.fail_mode {
+    /// The fail mode's metric label.
+    fn mode_name(&self) -> &'static str {
+        match self.options.fail_mode {
             FailMode::Open => "open",
             FailMode::LocalShare { .. } => "local",
-        };
+        }
+    }
+
+    fn fallback(&self, op: Op, items: &[(Bucket, f64)], error: &RateLimitError) -> Decision {
+        let mode = self.mode_name();
         metrics::counter!(names::RATE_LIMIT_FALLBACKS, "mode" => mode).increment(1);
         tracing::debug!(%error, mode, "rate limiter: answering with the fail mode");
         match self.options.fail_mode {
@@ -485,6 +509,30 @@ impl RateLimiter {
                 lock(&self.local).apply(op, &shares, Instant::now())
             }
         }
+    }
+}
+
+/// Whether Redis answered the last call. Every call records its outcome; only the changes
+/// are reported, so an outage is logged when it starts and when it ends, not per call.
+#[derive(Debug)]
+struct Reachability(AtomicBool);
+
+impl Default for Reachability {
+    fn default() -> Self {
+        Self(AtomicBool::new(true))
+    }
+}
+
+impl Reachability {
+    /// Records an answer; true if Redis was unreachable until now.
+    fn answered(&self) -> bool {
+        // The load keeps the common case (reachable before and after) free of writes.
+        !self.0.load(Ordering::Relaxed) && !self.0.swap(true, Ordering::Relaxed)
+    }
+
+    /// Records a failure; true if Redis was reachable until now.
+    fn failed(&self) -> bool {
+        self.0.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -717,6 +765,20 @@ mod tests {
             Duration::from_secs(24),
             "60 to refill at 2.5/s"
         );
+    }
+
+    #[test]
+    fn an_outage_is_reported_when_it_starts_and_when_it_ends() {
+        let r = Reachability::default();
+        assert!(!r.answered(), "reachable from the start: nothing to report");
+        assert!(r.failed(), "the first failure starts the outage");
+        assert!(
+            !r.failed() && !r.failed(),
+            "later failures are the same outage"
+        );
+        assert!(r.answered(), "the first answer ends it");
+        assert!(!r.answered());
+        assert!(r.failed(), "a new outage");
     }
 
     #[test]

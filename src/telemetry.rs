@@ -55,6 +55,11 @@ pub mod names {
     pub const LLM_COST_MICRO_USD: &str = "callcoach_llm_cost_micro_usd_total";
     /// HTTP requests, labelled `status`.
     pub const HTTP_REQUESTS: &str = "callcoach_http_requests_total";
+    /// HTTP requests refused with 429 by the rate limits, labelled `class`.
+    pub const HTTP_RATE_LIMITED: &str = "callcoach_http_rate_limited_total";
+    /// HTTP requests let through unchecked because the rate limiter's Redis did not answer
+    /// in time (fail open), labelled `class`.
+    pub const HTTP_RATE_LIMIT_FAILED_OPEN: &str = "callcoach_http_rate_limit_failed_open_total";
     /// Rate-limiter calls answered by the fail mode because Redis was unreachable, labelled
     /// `mode` (open/local).
     pub const RATE_LIMIT_FALLBACKS: &str = "callcoach_rate_limit_fallbacks_total";

@@ -6,6 +6,7 @@ pub mod cost;
 pub mod db;
 pub mod http;
 pub mod queue;
+pub mod ratelimit;
 
 use crate::config::Settings;
 
@@ -96,6 +97,16 @@ pub enum BenchCommand {
         #[arg(long)]
         keep: bool,
     },
+    /// HTTP rate-limit decisions through the front's limiter (one EVALSHA each) with 1 and
+    /// N concurrent clients, against plain Redis GET round trips.
+    Ratelimit {
+        /// Timed single-client decisions (and 4× that spread over the concurrent clients).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+        iterations: u32,
+        /// Concurrent clients, each an API key of its own.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        clients: u32,
+    },
 }
 
 /// Runs a benchmark and prints its JSON report.
@@ -168,6 +179,10 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             };
             db::run(settings, bench).await?
         }
+        BenchCommand::Ratelimit {
+            iterations,
+            clients,
+        } => ratelimit::run(settings, iterations as usize, clients as usize).await?,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())

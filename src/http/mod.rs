@@ -3,7 +3,9 @@
 
 pub mod api;
 pub mod auth;
+pub mod compression;
 pub mod idempotency;
+pub mod limits;
 pub mod reads;
 pub mod server;
 
@@ -25,7 +27,7 @@ use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use std::sync::Arc;
-use tower_http::{compression::CompressionLayer, trace::TraceLayer};
+use tower_http::trace::TraceLayer;
 
 /// Default largest request body accepted (2 MiB, `HTTP_MAX_BODY_BYTES`): enough for a long
 /// transcript.
@@ -53,6 +55,7 @@ pub struct AppState {
 /// Builds the router with every route and layer.
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.settings.http_max_body_bytes;
+    let limits = limits::RateLimits::new(&state);
     Router::new()
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
@@ -73,10 +76,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/jobs/{id}", get(api::get_job))
         .route("/v1/rubrics/{role}/{dimension}", put(api::put_rubric))
+        // Rate limits per API key and route class: keep this after the last route (a
+        // route_layer covers the routes added before it; /healthz and /readyz are exempt).
+        .route_layer(from_fn_with_state(limits, limits::enforce))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(CompressionLayer::new().gzip(true))
+        .layer(axum::middleware::from_fn(compression::gzip))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

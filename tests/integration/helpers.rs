@@ -228,6 +228,13 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         ("WORKER_POLL_MS", "20".into()),
         ("RELAY_INTERVAL_MS", "200".into()),
         ("DATABASE_MAX_CONNECTIONS", "10".into()),
+        // HTTP rate limits stay on (every request goes through them) but never bind, unless
+        // a test sets its own.
+        ("RATE_LIMIT_GET_PER_MIN", "1000000".into()),
+        ("RATE_LIMIT_POST_PER_MIN", "1000000".into()),
+        ("RATE_LIMIT_ANALYSIS_PER_MIN", "1000000".into()),
+        ("RATE_LIMIT_INSIGHTS_PER_MIN", "1000000".into()),
+        ("RATE_LIMIT_SEARCH_PER_MIN", "1000000".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

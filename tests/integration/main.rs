@@ -9,6 +9,7 @@ mod cli;
 mod explain;
 mod faults;
 mod helpers;
+mod http_front;
 mod http_reads;
 mod ledger;
 mod llm;
