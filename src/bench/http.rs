@@ -1,6 +1,8 @@
 //! `bench http`: requests per second and latency of the HTTP front under load, for
 //! `/healthz` (the floor: no key, no database), an authenticated `GET /v1/jobs/{id}` (a key
-//! lookup, cached, and a ledger read) and a call search, each driven for a fixed time by a
+//! lookup, cached, and a ledger read) and a call search, each with the rate limiter and gzip
+//! and, on a second server in the same run, without the limiter (and, for the search, with a
+//! client that does not accept gzip). Each is driven for a fixed time by a
 //! built-in load generator: `connections` concurrent keep-alive clients sending requests back
 //! to back. The server is the project's own router on a loopback port of this process, so the
 //! generator and the server share the machine's cores, as `wrk` on the same host would.
@@ -31,21 +33,49 @@ pub async fn run(mut settings: Settings, bench: HttpBench) -> anyhow::Result<Val
     limits.get_per_min = u32::MAX;
     limits.post_per_min = u32::MAX;
     limits.search_per_min = u32::MAX;
-    let app = App::build(settings)?;
-    db::migrate(&app.pg).await?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let stop = CancellationToken::new();
-    let server = {
-        let (app, stop) = (app.clone(), stop.clone());
-        tokio::spawn(async move { app.serve(listener, stop).await })
-    };
-    let fixture = Fixture::create(&app, &base).await?;
-    let measured = measure(&bench, &base, &fixture).await;
-    fixture.remove(&app).await?;
-    stop.cancel();
-    server.await.context("server task")??;
+    let mut unlimited = settings.clone();
+    unlimited.http_rate_limits.enabled = false;
+    let limited = Server::start(settings).await?;
+    let plain = Server::start(unlimited).await?;
+    let fixture = Fixture::create(&limited.app, &limited.base).await?;
+    let measured = measure(&bench, &limited.base, &plain.base, &fixture).await;
+    fixture.remove(&limited.app).await?;
+    limited.stop().await?;
+    plain.stop().await?;
     measured
+}
+
+/// The project's HTTP front on a loopback port of this process.
+struct Server {
+    app: App,
+    base: String,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn start(settings: Settings) -> anyhow::Result<Server> {
+        let app = App::build(settings)?;
+        db::migrate(&app.pg).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let stop = CancellationToken::new();
+        let task = {
+            let (app, stop) = (app.clone(), stop.clone());
+            tokio::spawn(async move { app.serve(listener, stop).await })
+        };
+        Ok(Server {
+            app,
+            base,
+            stop,
+            task,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.await.context("server task")?
+    }
 }
 
 /// The rows the scenarios read.
@@ -116,6 +146,12 @@ impl Load {
         self.requests as f64 / self.secs
     }
 
+    fn p99(&self) -> f64 {
+        let mut sorted = self.latencies_us.clone();
+        sorted.sort_by(f64::total_cmp);
+        super::percentile(&sorted, 0.99)
+    }
+
     fn report(self) -> Value {
         let per_sec = self.per_sec();
         json!({
@@ -127,22 +163,26 @@ impl Load {
     }
 }
 
-async fn measure(bench: &HttpBench, base: &str, f: &Fixture) -> anyhow::Result<Value> {
-    let healthz = drive(bench, format!("{base}/healthz"), None).await?;
-    let job = drive(bench, format!("{base}/v1/jobs/{}", f.job_id), Some(&f.key)).await?;
-    let search = drive(
-        bench,
-        format!("{base}/v1/calls/search?limit=20"),
-        Some(&f.key),
-    )
-    .await?;
-    let (floor, job_rate) = (healthz.per_sec(), job.per_sec());
+async fn measure(bench: &HttpBench, base: &str, plain: &str, f: &Fixture) -> anyhow::Result<Value> {
+    let key = Some(f.key.as_str());
+    let job = format!("/v1/jobs/{}", f.job_id);
+    let search = "/v1/calls/search?limit=20";
+    let healthz = drive(bench, format!("{base}/healthz"), None, true).await?;
+    let job_read = drive(bench, format!("{base}{job}"), key, true).await?;
+    let job_plain = drive(bench, format!("{plain}{job}"), key, true).await?;
+    let search_gzip = drive(bench, format!("{base}{search}"), key, true).await?;
+    let search_plain = drive(bench, format!("{plain}{search}"), key, false).await?;
+    let (floor, job_rate) = (healthz.per_sec(), job_read.per_sec());
+    let limiter_p99_us = job_read.p99() - job_plain.p99();
     Ok(json!({
         "benchmark": "http",
         "config": { "secs": bench.secs, "connections": bench.connections },
         "healthz": healthz.report(),
-        "job_read": job.report(),
-        "search": search.report(),
+        "job_read": job_read.report(),
+        "job_read_without_limiter": job_plain.report(),
+        "search": search_gzip.report(),
+        "search_without_limiter_or_gzip": search_plain.report(),
+        "limiter_p99_overhead_us": round1(limiter_p99_us),
         "job_read_vs_healthz": round1(ratio(job_rate, floor) * 100.0) / 100.0,
         "target_job_read_vs_healthz": 1.0 / 3.0,
         "met": ratio(job_rate, floor) >= 1.0 / 3.0,
@@ -150,10 +190,18 @@ async fn measure(bench: &HttpBench, base: &str, f: &Fixture) -> anyhow::Result<V
 }
 
 /// `connections` clients GET `url` back to back for `bench.secs`.
-async fn drive(bench: &HttpBench, url: String, key: Option<&str>) -> anyhow::Result<Load> {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(bench.connections)
-        .build()?;
+/// With `gzip` the clients accept gzip-encoded responses.
+async fn drive(
+    bench: &HttpBench,
+    url: String,
+    key: Option<&str>,
+    gzip: bool,
+) -> anyhow::Result<Load> {
+    let mut client = reqwest::Client::builder().pool_max_idle_per_host(bench.connections);
+    if !gzip {
+        client = client.no_gzip();
+    }
+    let client = client.build()?;
     let deadline = Instant::now() + Duration::from_secs_f64(bench.secs);
     let started = Instant::now();
     let clients = (0..bench.connections).map(|_| {

@@ -111,7 +111,13 @@ async fn bench_http_drives_every_scenario_and_leaves_nothing_behind() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).expect("the report is JSON");
-    for scenario in ["healthz", "job_read", "search"] {
+    for scenario in [
+        "healthz",
+        "job_read",
+        "job_read_without_limiter",
+        "search",
+        "search_without_limiter_or_gzip",
+    ] {
         positive(&report[scenario]["requests_per_sec"], scenario);
         assert_eq!(report[scenario]["errors"], 0, "{scenario}: {report}");
         assert_latencies(&report[scenario]["latency"], scenario);
