@@ -78,11 +78,14 @@ impl Server {
     }
 }
 
+/// Calls the fixture ingests (one search page of the largest size).
+const FIXTURE_CALLS: usize = 100;
+
 /// The rows the scenarios read.
 struct Fixture {
     key: String,
     key_id: Uuid,
-    call_id: Uuid,
+    run: String,
     job_id: Uuid,
 }
 
@@ -93,8 +96,12 @@ impl Fixture {
             auth::create_key(&app.pg, &format!("bench-http-{run}"), auth::Scope::Producer).await?;
         let mut call: CallInput =
             serde_json::from_str(include_str!("../../jobs/samples/call-01.json"))?;
-        call.external_id = Some(format!("bench-http-{run}"));
-        let (call_id, _) = db::insert_call(&app.pg, &call).await?;
+        // A full search page: FIXTURE_CALLS calls, the first of them analysed.
+        let mut call_id = Uuid::nil();
+        for i in (0..FIXTURE_CALLS).rev() {
+            call.external_id = Some(format!("bench-http-{run}-{i}"));
+            call_id = db::insert_call(&app.pg, &call).await?.0;
+        }
         let response: Value = reqwest::Client::new()
             .post(format!("{base}/v1/analyses"))
             .bearer_auth(&key.key)
@@ -111,7 +118,7 @@ impl Fixture {
         Ok(Fixture {
             key: key.key,
             key_id: key.id,
-            call_id,
+            run,
             job_id,
         })
     }
@@ -121,8 +128,8 @@ impl Fixture {
             .bind(self.job_id)
             .execute(&app.pg)
             .await?;
-        sqlx::query("DELETE FROM calls WHERE id = $1")
-            .bind(self.call_id)
+        sqlx::query("DELETE FROM calls WHERE external_id LIKE $1")
+            .bind(format!("bench-http-{}-%", self.run))
             .execute(&app.pg)
             .await?;
         sqlx::query("DELETE FROM api_keys WHERE id = $1")
@@ -172,6 +179,7 @@ async fn measure(bench: &HttpBench, base: &str, plain: &str, f: &Fixture) -> any
     let job_plain = drive(bench, format!("{plain}{job}"), key, true).await?;
     let search_gzip = drive(bench, format!("{base}{search}"), key, true).await?;
     let search_plain = drive(bench, format!("{plain}{search}"), key, false).await?;
+    let gzip = compression(&format!("{base}/v1/calls/search?limit=100"), &f.key).await?;
     let (floor, job_rate) = (healthz.per_sec(), job_read.per_sec());
     let limiter_p99_us = job_read.p99() - job_plain.p99();
     Ok(json!({
@@ -183,10 +191,42 @@ async fn measure(bench: &HttpBench, base: &str, plain: &str, f: &Fixture) -> any
         "search": search_gzip.report(),
         "search_without_limiter_or_gzip": search_plain.report(),
         "limiter_p99_overhead_us": round1(limiter_p99_us),
+        "search_page_gzip": gzip,
         "job_read_vs_healthz": round1(ratio(job_rate, floor) * 100.0) / 100.0,
         "target_job_read_vs_healthz": 1.0 / 3.0,
         "met": ratio(job_rate, floor) >= 1.0 / 3.0,
     }))
+}
+
+/// One search page fetched as is and gzip-encoded: both sizes, the server's
+/// `X-Compression-Ratio` and how much smaller the encoded page is.
+async fn compression(url: &str, key: &str) -> anyhow::Result<Value> {
+    let client = reqwest::Client::builder().no_gzip().build()?;
+    let fetch = |encoding: &'static str| {
+        client
+            .get(url)
+            .bearer_auth(key)
+            .header("accept-encoding", encoding)
+            .send()
+    };
+    let plain = fetch("identity").await?.bytes().await?.len();
+    let encoded = fetch("gzip").await?;
+    let ratio = encoded
+        .headers()
+        .get("x-compression-ratio")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let gzipped = encoded.bytes().await?.len();
+    Ok(json!({
+        "bytes": plain,
+        "gzip_bytes": gzipped,
+        "x_compression_ratio": ratio,
+        "smaller_pct": round1(100.0 * (1.0 - ratio_of(gzipped, plain))),
+    }))
+}
+
+fn ratio_of(a: usize, b: usize) -> f64 {
+    ratio(a as f64, b as f64)
 }
 
 /// `connections` clients GET `url` back to back for `bench.secs`.

@@ -123,6 +123,12 @@ async fn bench_http_drives_every_scenario_and_leaves_nothing_behind() {
         assert_latencies(&report[scenario]["latency"], scenario);
     }
     positive(&report["job_read_vs_healthz"], "job_read_vs_healthz");
+    let gzip = &report["search_page_gzip"];
+    assert!(
+        gzip["gzip_bytes"].as_u64() < gzip["bytes"].as_u64(),
+        "{gzip}"
+    );
+    assert!(gzip["x_compression_ratio"].is_string(), "{gzip}");
     let left: (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM calls), (SELECT count(*) FROM api_keys WHERE name LIKE 'bench-http-%')",
     )
