@@ -43,7 +43,7 @@
 //! `Retry-After` (the draft asks that `Retry-After` not end before the effective window; within
 //! that time the client can use no more than `r=0`). `X-RateLimit-Reset` is always the time
 //! the bucket is full again. The request body of a refused request is read and dropped
-//! (up to [`super::MAX_BODY_BYTES`]), so the connection stays usable.
+//! (up to `HTTP_MAX_BODY_BYTES`), so the connection stays usable.
 //!
 //! # When Redis is unreachable
 //! The limiter call has a timeout ([`RateLimitSettings::timeout`], 25 ms); past it, or on any
@@ -54,7 +54,7 @@
 //! limiter skips Redis for a second, so an outage costs one timeout a second, not one per
 //! request; it is logged when it starts and when it ends.
 
-use super::{ApiError, AppState, MAX_BODY_BYTES, auth::Principal};
+use super::{ApiError, AppState, auth::Principal};
 use crate::{
     rate_limit::{Bucket, Decision, FailMode, LimiterOptions, RateLimiter, Source},
     telemetry::names,
@@ -474,7 +474,12 @@ pub async fn enforce(State(limits): State<RateLimits>, request: Request, next: N
         next.run(Request::from_parts(parts, body)).await
     } else {
         metrics::counter!(names::HTTP_RATE_LIMITED, "class" => class.name()).increment(1);
-        drain(&parts.headers, body).await;
+        drain(
+            &parts.headers,
+            body,
+            limits.app.settings.http_max_body_bytes,
+        )
+        .await;
         refusal(&verdict).into_response()
     };
     limiter.write_headers(&verdict, response.headers_mut());
@@ -498,14 +503,14 @@ fn refusal(verdict: &Verdict) -> ApiError {
 /// Reads and drops a refused request's body, so the connection can carry the next request
 /// (hyper closes it when a body is left unread). Skipped for bodies announced larger than
 /// the front accepts and for `Expect: 100-continue` (the client has not sent it yet).
-async fn drain(headers: &HeaderMap, body: Body) {
+async fn drain(headers: &HeaderMap, body: Body, max_body_bytes: usize) {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if headers.contains_key(header::EXPECT) || declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+    if headers.contains_key(header::EXPECT) || declared.is_some_and(|n| n > max_body_bytes) {
         return;
     }
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, axum::body::to_bytes(body, MAX_BODY_BYTES)).await;
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, axum::body::to_bytes(body, max_body_bytes)).await;
 }
 
 #[cfg(test)]
