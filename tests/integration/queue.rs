@@ -25,14 +25,18 @@ async fn a_killed_workers_job_is_run_by_another_worker() {
     app.start_worker();
     let call_id = app.ingest(&sample_call("killed")).await;
     let job_id = app.enqueue(call_id, &["discovery"]).await;
-    // Wait until the job is running, then kill the worker mid-job.
-    for _ in 0..100 {
+    // Wait until the job is running (a loaded machine may take seconds to start the
+    // worker), then kill the worker mid-job: its LLM call takes 1.5 s.
+    let mut running = false;
+    for _ in 0..1500 {
         let (_, job) = app.get(&format!("/v1/jobs/{job_id}")).await;
         if job["status"] == "running" {
+            running = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(running, "the job never started");
     app.kill_worker();
     app.start_worker();
     // Recovery: the dead run's lease expires (JOB_LEASE_SECS) and the rescuer re-delivers it.
