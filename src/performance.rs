@@ -495,22 +495,22 @@ pub async fn score_trends(
     days: i32,
     rep_id: Option<Uuid>,
 ) -> sqlx::Result<Vec<WeeklyScore>> {
-    // The rep goes last so both statements bind dimension and days as $1 and $2.
     let query = match rep_id {
         None => sqlx::query_as(
             "SELECT week, sessions, avg_score::float8 AS avg_score
              FROM get_score_trends($1, $2)",
-        ),
-        Some(_) => sqlx::query_as(
+        )
+        .bind(dimension)
+        .bind(days),
+        Some(rep) => sqlx::query_as(
             "SELECT week, sessions, avg_score::float8 AS avg_score
-             FROM get_rep_score_trends($3, $1, $2)",
-        ),
+             FROM get_rep_score_trends($1, $2, $3)",
+        )
+        .bind(rep)
+        .bind(dimension)
+        .bind(days),
     };
-    let query = query.bind(dimension).bind(days);
-    match rep_id {
-        None => query.fetch_all(pool).await,
-        Some(rep) => query.bind(rep).fetch_all(pool).await,
-    }
+    query.fetch_all(pool).await
 }
 
 /// Sessions scoring below this are listed by [`coaching_opportunities`]; the partial index

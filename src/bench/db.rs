@@ -13,8 +13,9 @@
 //!
 //! **Optimized.** One connection, sequential calls after a warm-up of [`WARMUP`] calls, inputs
 //! drawn with a fixed seed from the seeded rows:
-//! - `cache_lookup`: [`CoachingCache::pg_get`], the durable tier's read, on keys sampled from
-//!   `coaching_cache` (`cache_lookup_miss`: the same on keys that do not exist);
+//! - `cache_lookup`: [`cache::read_durable`] (what `CoachingCache::pg_get` runs), the durable
+//!   tier's read, on keys sampled from `coaching_cache` (`cache_lookup_miss`: the same on keys
+//!   that do not exist);
 //! - `rep_summary_live`: [`performance::rep_performance_summary`] over 90 days;
 //! - `rep_summary_view`: [`performance::rep_performance`] (one row of the view);
 //! - `search_by_rep`, `search_product_type_90d`, `search_date_window_90d`:
@@ -42,7 +43,7 @@
 
 use super::{ratio, round1, summary_us};
 use crate::{
-    cache::{CacheKey, CacheOptions, CoachingCache},
+    cache::{self, CacheKey},
     config::Settings,
     db,
     model::sha256_hex,
@@ -152,7 +153,6 @@ async fn measure(
         .await?;
     let held = <sqlx::PgConnection as sqlx::Connection>::connect(&target.url).await?;
     let runner = Runner {
-        cache: durable_cache(settings, timed.clone())?,
         pool: timed,
         held: tokio::sync::Mutex::new(held),
         details_sql: details_body(&setup).await?,
@@ -235,24 +235,6 @@ async fn refresh_and_vacuum(pool: &PgPool) -> anyhow::Result<()> {
     performance::refresh_rep_performance(pool).await?;
     sqlx::query("VACUUM (ANALYZE)").execute(pool).await?;
     Ok(())
-}
-
-/// The durable tier over `pool`. Its Redis connection is lazy and [`CoachingCache::pg_get`]
-/// never uses it, so Redis need not be up.
-fn durable_cache(settings: &Settings, pool: PgPool) -> anyhow::Result<CoachingCache> {
-    let redis = crate::redis_connection(settings.redis_url.expose(), 1)?;
-    let options = CacheOptions {
-        ttl: settings.cache_ttl(),
-        enabled: settings.enable_caching,
-        lease_ttl: settings.cache_lease,
-        max_wait: settings.llm_timeout + settings.cache_lease,
-    };
-    Ok(CoachingCache::new(
-        redis,
-        settings.redis_cache_timeout,
-        pool,
-        options,
-    ))
 }
 
 /// Whether `name` is a plain SQL identifier (safe to splice in double quotes).
@@ -397,7 +379,7 @@ impl Query {
     fn paths(self) -> (&'static str, &'static str) {
         match self {
             Query::CacheLookup => (
-                "CoachingCache::pg_get (get_cached_coaching_session, coaching_cache primary key)",
+                "cache::read_durable, CoachingCache::pg_get's read (get_cached_coaching_session, coaching_cache primary key)",
                 "the original system's lookup: latest coaching_sessions row by cache_key",
             ),
             Query::RepSummaryLive => (
@@ -690,7 +672,6 @@ struct Runner {
     held: tokio::sync::Mutex<sqlx::PgConnection>,
     /// The baseline of call details: the function's body as plain SQL.
     details_sql: String,
-    cache: CoachingCache,
     work: Workload,
 }
 
@@ -743,7 +724,7 @@ impl Runner {
 
     async fn miss(&self, i: usize) -> anyhow::Result<usize> {
         let key = self.work.missing(i);
-        if self.cache.pg_get(key).await?.is_some() {
+        if cache::read_durable(&self.pool, key).await?.is_some() {
             bail!("{key} was expected to miss");
         }
         Ok(0)
@@ -752,14 +733,6 @@ impl Runner {
     /// One call through the project's code; returns the rows it got.
     async fn optimized(&self, q: Query, i: usize, on: On) -> anyhow::Result<usize> {
         match on {
-            On::Pool if q == Query::CacheLookup => {
-                let key = self.work.key(i);
-                self.cache
-                    .pg_get(key)
-                    .await?
-                    .with_context(|| format!("sampled key {key} missed"))?;
-                Ok(1)
-            }
             On::Pool => read(&self.pool, &self.work, q, i).await,
             On::Held => read(&mut *self.held.lock().await, &self.work, q, i).await,
         }
@@ -801,8 +774,7 @@ impl Runner {
     }
 }
 
-/// One optimized read on `db`; returns the rows it got. The cache lookup runs what
-/// `CoachingCache::pg_get` runs (read and decode).
+/// One optimized read on `db`; returns the rows it got.
 async fn read(
     db: impl sqlx::PgExecutor<'_>,
     w: &Workload,
@@ -812,10 +784,9 @@ async fn read(
     let rows = match q {
         Query::CacheLookup => {
             let key = w.key(i);
-            let found = performance::cached_result(db, &key.to_string())
+            cache::read_durable(db, key)
                 .await?
                 .with_context(|| format!("sampled key {key} missed"))?;
-            serde_json::from_value::<crate::llm::CoachingResult>(found)?;
             1
         }
         Query::RepSummaryLive => performance::rep_performance_summary(db, w.rep(i), WINDOW_DAYS)

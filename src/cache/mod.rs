@@ -328,8 +328,7 @@ impl CoachingCache {
 
     /// Reads the durable tier.
     pub async fn pg_get(&self, key: &CacheKey) -> anyhow::Result<Option<CoachingResult>> {
-        let row = crate::performance::cached_result(&self.pg, &key.to_string()).await?;
-        Ok(row.map(serde_json::from_value).transpose()?)
+        read_durable(&self.pg, key).await
     }
 
     /// Reads and decodes a Redis entry; a corrupt entry is deleted and counted; errors are misses.
@@ -468,6 +467,16 @@ impl CoachingCache {
         .fetch_all(&self.pg)
         .await
     }
+}
+
+/// The durable tier's read on any executor (what [`CoachingCache::pg_get`] runs): the stored
+/// result of `key`, decoded.
+pub async fn read_durable(
+    db: impl sqlx::PgExecutor<'_>,
+    key: &CacheKey,
+) -> anyhow::Result<Option<CoachingResult>> {
+    let row = crate::performance::cached_result(db, &key.to_string()).await?;
+    Ok(row.map(serde_json::from_value).transpose()?)
 }
 
 /// Adds one to a daily cache counter in Postgres (read by stats and the dashboard); failures

@@ -19,7 +19,7 @@ use uuid::Uuid;
 /// Every scope may read.
 const READERS: &[Scope] = &[Scope::Producer, Scope::Ops, Scope::Admin];
 
-/// Default and largest page of `GET /v1/calls/search`.
+/// Default page of `GET /v1/calls/search`.
 pub const SEARCH_DEFAULT_LIMIT: i32 = 20;
 /// Largest page of `GET /v1/calls/search`.
 pub const SEARCH_MAX_LIMIT: i32 = 100;
@@ -210,11 +210,13 @@ pub async fn rep_insights(
             <= state.settings.insights_max_staleness.as_secs() as i64
     });
     let from_view = match fresh {
-        Some(_) => performance::rep_performance(&state.pg, rep.id).await?,
+        Some(at) => performance::rep_performance(&state.pg, rep.id)
+            .await?
+            .map(|row| (at, row)),
         None => None,
     };
     let (source, as_of, figures) = match from_view {
-        Some(row) => ("view", fresh.unwrap_or_else(Utc::now), Some(row)),
+        Some((at, row)) => ("view", at, Some(row)),
         None => (
             "live",
             Utc::now(),
