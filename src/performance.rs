@@ -577,18 +577,17 @@ pub async fn coaching_opportunities(
 }
 
 /// The statement of [`leaderboard`]: $1 limit.
-pub const LEADERBOARD_SQL: &str = "SELECT rep_id, rep_name, rep_email, total_calls,
-     total_sessions, avg_score::float8 AS avg_score,
-     avg_product_knowledge::float8 AS avg_product_knowledge,
-     avg_discovery::float8 AS avg_discovery,
-     avg_objection_handling::float8 AS avg_objection_handling,
-     avg_engagement::float8 AS avg_engagement, last_coached
-     FROM mv_rep_performance ORDER BY avg_score DESC NULLS LAST, rep_id LIMIT $1";
+pub fn leaderboard_sql() -> String {
+    format!(
+        "SELECT {REP_PERFORMANCE_COLUMNS} FROM mv_rep_performance
+         ORDER BY avg_score DESC NULLS LAST, rep_id LIMIT $1"
+    )
+}
 
 /// The best reps by average score, from `mv_rep_performance` (a few hundred rows: a top-N sort
 /// of the view beats any index).
 pub async fn leaderboard(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<RepPerformance>> {
-    sqlx::query_as(LEADERBOARD_SQL)
+    sqlx::query_as(sqlx::AssertSqlSafe(leaderboard_sql()))
         .bind(limit.clamp(1, 500))
         .fetch_all(pool)
         .await

@@ -269,7 +269,7 @@ async fn every_optimized_query_uses_its_index_on_seeded_data() {
         ),
         generic(
             "leaderboard",
-            performance::LEADERBOARD_SQL,
+            &performance::leaderboard_sql(),
             "bigint",
             "10".into(),
             "mv_rep_performance",
