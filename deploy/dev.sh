@@ -6,7 +6,7 @@
 #
 #   deploy/dev.sh demo          build release, start services, run `callcoach demo`, stop
 #   deploy/dev.sh test [ARGS]   start services, `cargo nextest run --workspace --no-fail-fast [ARGS]`, stop
-#                               (also creates .dev/sdk-venv with the anthropic Python SDK for the SDK test)
+#                               (also creates .dev/sdk-venv with the anthropic Python SDK and schemathesis)
 #   deploy/dev.sh up            start services and print `export` lines (eval "$(deploy/dev.sh up)")
 #   deploy/dev.sh down          stop the services
 #   deploy/dev.sh env           print the `export` lines
@@ -27,6 +27,7 @@ REDIS_LOG="$REDIS_DIR/redis.log"
 APT_LOG="$DEV_DIR/apt.log"
 SDK_VENV="$DEV_DIR/sdk-venv"
 SDK_SPEC='anthropic>=2,<3'
+SCHEMATHESIS_SPEC='schemathesis>=4.3,<5'
 PG_PORT="${CALLCOACH_DEV_PG_PORT:-55432}"
 REDIS_PORT="${CALLCOACH_DEV_REDIS_PORT:-56379}"
 PG_OS_USER=callcoach
@@ -133,18 +134,18 @@ ensure_postgres() {
   [[ -x $PG_ISREADY ]] || PG_ISREADY=$(command -v pg_isready 2>/dev/null) || PG_ISREADY=""
 }
 
-# The official anthropic Python SDK in $SDK_VENV, for tests/integration/sdk.rs. Reused
-# when it already imports a 2.x SDK.
+# The official anthropic Python SDK (tests/integration/sdk.rs) and schemathesis
+# (tests/integration/openapi.rs) in $SDK_VENV. Reused when it already has both.
 ensure_sdk_venv() {
   local py="$SDK_VENV/bin/python"
-  if [[ -x $py ]] && "$py" -c 'import anthropic, sys; sys.exit(anthropic.__version__.split(".")[0] != "2")' 2>/dev/null; then
+  if [[ -x $py && -x $SDK_VENV/bin/schemathesis ]] && "$py" -c 'import anthropic, sys; sys.exit(anthropic.__version__.split(".")[0] != "2")' 2>/dev/null; then
     return 0
   fi
   command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_install python3-venv
   mkdir -p "$DEV_DIR"
-  log "creating $SDK_VENV with $SDK_SPEC (output in .dev/sdk-venv.log)"
-  { python3 -m venv --clear "$SDK_VENV" && "$SDK_VENV/bin/pip" install -q "$SDK_SPEC"; } >"$DEV_DIR/sdk-venv.log" 2>&1 || {
+  log "creating $SDK_VENV with $SDK_SPEC $SCHEMATHESIS_SPEC (output in .dev/sdk-venv.log)"
+  { python3 -m venv --clear "$SDK_VENV" && "$SDK_VENV/bin/pip" install -q "$SDK_SPEC" "$SCHEMATHESIS_SPEC"; } >"$DEV_DIR/sdk-venv.log" 2>&1 || {
     tail -n 20 "$DEV_DIR/sdk-venv.log" >&2
     die "could not install the anthropic SDK (full log: $DEV_DIR/sdk-venv.log)"
   }
@@ -510,6 +511,7 @@ cmd_test() {
   export_env warn
   # The SDK test fails (rather than skips) when this Python cannot import the SDK.
   export CALLCOACH_SDK_PYTHON="$SDK_VENV/bin/python"
+  export CALLCOACH_SCHEMATHESIS="$SDK_VENV/bin/schemathesis"
   cd "$ROOT"
   log "cargo nextest run --workspace --no-fail-fast $*"
   local rc=0

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 /// A priority lane: its own Redis queue and its own worker concurrency, so a backlog in one
 /// never delays the other.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Lane {
     /// Analyses someone is waiting for (HTTP, CLI).

@@ -7,7 +7,19 @@ use sha2::{Digest, Sha256};
 use std::{fmt, str::FromStr};
 
 /// A coaching dimension a call is analysed along.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Dimension {
     /// Accuracy and depth of what the rep says about the product.
@@ -61,7 +73,7 @@ impl FromStr for Dimension {
 }
 
 /// The role of the rep whose call is analysed; each role has its own rubric.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Account executive.
@@ -94,7 +106,7 @@ impl FromStr for Role {
 }
 
 /// One participant of a call.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SpeakerInput {
     /// Display name, as used in the transcript's `speaker` field.
     pub name: String,
@@ -109,7 +121,7 @@ pub struct SpeakerInput {
 }
 
 /// One utterance of a transcript.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Utterance {
     /// Speaker name.
     pub speaker: String,
@@ -121,7 +133,7 @@ pub struct Utterance {
 }
 
 /// The body of `POST /v1/calls` and the format of the sample calls under `jobs/samples/`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallInput {
     /// Caller-chosen unique id (ingesting the same id twice returns the existing call).
@@ -161,6 +173,7 @@ pub struct CallInput {
     /// The producer's own attributes (CRM ids, deal stage, region…), a JSON object searched by
     /// containment.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 

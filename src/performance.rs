@@ -202,7 +202,7 @@ pub fn render(report: &[ObjectStatus]) -> String {
 }
 
 /// One dimension of a rep's performance summary.
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct DimensionSummary {
     /// Dimension.
     pub dimension: String,
@@ -246,7 +246,7 @@ pub async fn cached_result(
 }
 
 /// One rep's row of `mv_rep_performance` (as of its last refresh).
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct RepPerformance {
     /// Rep id.
     pub rep_id: Uuid,
@@ -409,7 +409,7 @@ pub struct CallSearch {
 }
 
 /// One call found by [`search_calls`].
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct CallHit {
     /// Call id.
     pub id: Uuid,
@@ -594,7 +594,7 @@ pub async fn leaderboard(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<RepPerfo
 }
 
 /// A rep as listed by [`list_reps`].
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct RepItem {
     /// Rep id.
     pub id: Uuid,

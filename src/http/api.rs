@@ -1,5 +1,6 @@
 //! Route handlers: health, readiness, metrics, call ingest and reads, analysis enqueue, job status.
 
+use super::openapi::ErrorBody;
 use super::{
     ApiError, ApiJson, ApiPath, AppState,
     auth::{Principal, Scope},
@@ -16,20 +17,46 @@ use axum::{
     http::{HeaderMap, StatusCode},
     response::IntoResponse,
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::time::Duration;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 const WRITERS: &[Scope] = &[Scope::Producer, Scope::Admin];
 
+/// Body of `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
 /// `GET /healthz`: the process is alive.
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Body of `GET /readyz`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `degraded`.
+    pub status: String,
+    /// `ok` or the error Postgres gave.
+    pub postgres: String,
+    /// `ok` or the error Redis gave.
+    pub redis: String,
 }
 
 /// `GET /readyz`: Postgres and Redis both answer (503 naming the one that does not).
-pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Postgres and Redis answer", body = Readiness),
+    (status = 503, description = "Postgres or Redis does not answer", body = Readiness)))]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let pg = tokio::time::timeout(
         Duration::from_secs(2),
         sqlx::query("SELECT 1").execute(&state.pg),
@@ -51,7 +78,12 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({ "status": if ready { "ready" } else { "degraded" }, "postgres": pg, "redis": redis });
+    let status_text = if ready { "ready" } else { "degraded" };
+    let body = Readiness {
+        status: status_text.into(),
+        postgres: pg,
+        redis,
+    };
     (status, Json(body))
 }
 
@@ -64,7 +96,10 @@ async fn ping_redis(state: &AppState) -> redis::RedisResult<()> {
     Ok(())
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format (ops and admin keys).
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses(
+    (status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String),
+    (status = 403, description = "The key's scope is not ops or admin", body = ErrorBody)))]
 pub async fn metrics(State(state): State<AppState>, principal: Principal) -> impl IntoResponse {
     if let Err(e) = principal.require(&[Scope::Ops, Scope::Admin]) {
         return e.into_response();
@@ -72,7 +107,29 @@ pub async fn metrics(State(state): State<AppState>, principal: Principal) -> imp
     state.metrics.render().into_response()
 }
 
-/// `POST /v1/calls`: ingest a call and its transcript.
+/// Body of the answer to `POST /v1/calls`.
+#[derive(Serialize, ToSchema)]
+pub struct CallCreated {
+    /// The call's id.
+    pub id: Uuid,
+    /// False when a call with this `external_id` existed and is returned instead.
+    pub created: bool,
+}
+
+/// `POST /v1/calls`: ingest a call and its transcript (producer and admin keys). With an
+/// `Idempotency-Key` header a retry gets the first answer again.
+#[utoipa::path(post, path = "/v1/calls", tag = "calls", request_body = CallInput,
+    params(IdempotencyHeader),
+    responses(
+        (status = 201, description = "Call stored", body = CallCreated),
+        (status = 200, description = "A call with this external_id exists; it is returned", body = CallCreated),
+        (status = 400, description = "Invalid field or body", body = ErrorBody),
+        (status = 403, description = "The key's scope may not write", body = ErrorBody),
+        (status = 408, description = "Body not received in time", body = ErrorBody),
+        (status = 409, description = "Same Idempotency-Key still being processed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape, or Idempotency-Key reused with another body", body = ErrorBody)))]
 pub async fn create_call(
     State(state): State<AppState>,
     principal: Principal,
@@ -86,11 +143,17 @@ pub async fn create_call(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({ "id": id, "created": created }))))
+    Ok((status, Json(CallCreated { id, created })))
 }
 
 /// `GET /v1/calls/{id}`: `get_call_with_details`: the call, its rep, speakers, transcript and
 /// the latest coaching per dimension.
+#[utoipa::path(get, path = "/v1/calls/{id}", tag = "calls",
+    params(("id" = Uuid, Path, description = "Call id")),
+    responses(
+        (status = 200, description = "The call with its details", body = super::openapi::CallDetails),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such call", body = ErrorBody)))]
 pub async fn get_call(
     State(state): State<AppState>,
     _principal: Principal,
@@ -103,7 +166,7 @@ pub async fn get_call(
 }
 
 /// Body of `POST /v1/analyses`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AnalysisRequest {
     /// Call to analyse.
@@ -118,6 +181,19 @@ pub struct AnalysisRequest {
 /// down. With an `Idempotency-Key` the response is replayed to retries (see
 /// [`super::idempotency`]) and the job carries a ledger dedup key, so even a retry that takes
 /// over an abandoned claim enqueues no second job.
+#[utoipa::path(post, path = "/v1/analyses", tag = "analyses", request_body = AnalysisRequest,
+    params(IdempotencyHeader),
+    responses(
+        (status = 202, description = "Analysis enqueued (or the job of an earlier identical request)", body = AnalysisAccepted),
+        (status = 400, description = "Invalid field or body", body = ErrorBody),
+        (status = 402, description = "An LLM budget is spent", body = ErrorBody),
+        (status = 403, description = "The key's scope may not write", body = ErrorBody),
+        (status = 404, description = "No such call", body = ErrorBody),
+        (status = 408, description = "Body not received in time", body = ErrorBody),
+        (status = 409, description = "Same Idempotency-Key still being processed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape, or Idempotency-Key reused with another body", body = ErrorBody)))]
 pub async fn create_analysis(
     State(state): State<AppState>,
     principal: Principal,
@@ -146,15 +222,42 @@ pub async fn create_analysis(
     }
     let enqueued = state.queue.enqueue(job).await?;
     let status_url = format!("{}/v1/jobs/{}", state.settings.public_url, enqueued.job_id);
-    let body = json!({
-        "job_id": enqueued.job_id,
-        "status_url": status_url,
-        "created": enqueued.created,
-    });
+    let body = AnalysisAccepted {
+        job_id: enqueued.job_id,
+        status_url,
+        created: enqueued.created,
+    };
     Ok((StatusCode::ACCEPTED, Json(body)))
 }
 
+/// Body of the answer to `POST /v1/analyses`.
+#[derive(Serialize, ToSchema)]
+pub struct AnalysisAccepted {
+    /// The job's id.
+    pub job_id: Uuid,
+    /// Where to follow it (`GET /v1/jobs/{id}`).
+    pub status_url: String,
+    /// False when an earlier request with the same `Idempotency-Key` made the job.
+    pub created: bool,
+}
+
+/// The optional `Idempotency-Key` request header of the write routes.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyHeader {
+    /// Up to 255 visible ASCII characters; a retry with the same key and body gets the first
+    /// answer again, the same key with another body a 422.
+    #[param(rename = "Idempotency-Key", max_length = 255)]
+    pub idempotency_key: Option<String>,
+}
+
 /// `GET /v1/jobs/{id}`: the job's ledger row.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "analyses",
+    params(("id" = Uuid, Path, description = "Job id")),
+    responses(
+        (status = 200, description = "The job", body = ledger::JobRow),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody)))]
 pub async fn get_job(
     State(state): State<AppState>,
     _principal: Principal,
@@ -167,7 +270,7 @@ pub async fn get_job(
 }
 
 /// Body of `PUT /v1/rubrics/{role}/{dimension}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RubricRequest {
     /// New version label ([`model::check_rubric_version`]: `1.2.0`, `2026-06`, …).
@@ -179,12 +282,23 @@ pub struct RubricRequest {
 /// `PUT /v1/rubrics/{role}/{dimension}` (admin): stores a new rubric version, makes it active
 /// and enqueues `invalidate_rubric` for the superseded version's cache entries, all in one
 /// transaction: either the rubric and its invalidation job are both stored, or neither.
+#[utoipa::path(put, path = "/v1/rubrics/{role}/{dimension}", tag = "admin", request_body = RubricRequest,
+    params(("role" = Role, Path, description = "Rep role"), ("dimension" = Dimension, Path, description = "Dimension")),
+    responses(
+        (status = 200, description = "Rubric stored and active", body = RubricUpdated),
+        (status = 400, description = "Invalid role, dimension, version or criteria", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 408, description = "Body not received in time", body = ErrorBody),
+        (status = 409, description = "The version exists", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 422, description = "JSON of the wrong shape", body = ErrorBody)))]
 pub async fn put_rubric(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath((role, dimension)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<RubricRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RubricUpdated>, ApiError> {
     principal.require(&[Scope::Admin])?;
     let role: Role = role.parse().map_err(ApiError::bad_request)?;
     let dimension: Dimension = dimension.parse().map_err(ApiError::bad_request)?;
@@ -223,13 +337,28 @@ pub async fn put_rubric(
         None => None,
     };
     tx.commit().await?;
-    Ok(Json(json!({
-        "role": role.as_str(),
-        "dimension": dimension,
-        "version": version,
-        "previous_version": previous,
-        "invalidation_job_id": invalidation,
-    })))
+    Ok(Json(RubricUpdated {
+        role,
+        dimension,
+        version: version.to_string(),
+        previous_version: previous,
+        invalidation_job_id: invalidation,
+    }))
+}
+
+/// Body of the answer to `PUT /v1/rubrics/{role}/{dimension}`.
+#[derive(Serialize, ToSchema)]
+pub struct RubricUpdated {
+    /// Role.
+    pub role: Role,
+    /// Dimension.
+    pub dimension: Dimension,
+    /// The new active version.
+    pub version: String,
+    /// The version it replaced, if any.
+    pub previous_version: Option<String>,
+    /// The job invalidating the replaced version's cache entries, if any.
+    pub invalidation_job_id: Option<Uuid>,
 }
 
 /// Fallback for unknown routes.

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod compression;
 pub mod idempotency;
 pub mod limits;
+pub mod openapi;
 pub mod reads;
 pub mod server;
 
@@ -20,7 +21,6 @@ use axum::{
     http::StatusCode,
     middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::{get, post, put},
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis::aio::ConnectionManager;
@@ -28,6 +28,8 @@ use serde::de::DeserializeOwned;
 use sqlx::PgPool;
 use std::sync::Arc;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, router::UtoipaMethodRouter, routes};
 
 /// Default largest request body accepted (2 MiB, `HTTP_MAX_BODY_BYTES`): enough for a long
 /// transcript.
@@ -52,39 +54,57 @@ pub struct AppState {
     pub keys: auth::KeyCache,
 }
 
-/// Builds the router with every route and layer.
+/// Builds the router with every route and layer. Each handler is registered with its OpenAPI
+/// operation ([`openapi`]), and the document is served at `/openapi.json` and `/docs`.
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.settings.http_max_body_bytes;
     let limits = limits::RateLimits::new(&state);
-    Router::new()
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
-        .route("/metrics", get(api::metrics))
-        .route(
-            "/v1/calls",
-            post(api::create_call)
-                .route_layer(from_fn_with_state(state.clone(), idempotency::idempotent)),
-        )
-        .route("/v1/calls/search", get(reads::search_calls))
-        .route("/v1/calls/{id}", get(api::get_call))
-        .route("/v1/reps/{email}/insights", get(reads::rep_insights))
-        .route("/v1/cache/stats", get(reads::cache_stats))
-        .route(
-            "/v1/analyses",
-            post(api::create_analysis)
-                .route_layer(from_fn_with_state(state.clone(), idempotency::idempotent)),
-        )
-        .route("/v1/jobs/{id}", get(api::get_job))
-        .route("/v1/rubrics/{role}/{dimension}", put(api::put_rubric))
+    let idempotent = || from_fn_with_state(state.clone(), idempotency::idempotent);
+    let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(api::healthz))
+        .routes(routes!(api::readyz))
+        .routes(routes!(api::metrics))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(openapi::docs))
+        .routes(with_route_layer(routes!(api::create_call), idempotent()))
+        .routes(routes!(reads::search_calls))
+        .routes(routes!(api::get_call))
+        .routes(routes!(reads::rep_insights))
+        .routes(routes!(reads::cache_stats))
+        .routes(with_route_layer(
+            routes!(api::create_analysis),
+            idempotent(),
+        ))
+        .routes(routes!(api::get_job))
+        .routes(routes!(api::put_rubric))
         // Rate limits per API key and route class: keep this after the last route (a
         // route_layer covers the routes added before it; /healthz and /readyz are exempt).
         .route_layer(from_fn_with_state(limits, limits::enforce))
+        .split_for_parts();
+    openapi::describe_common_errors(&mut doc);
+    router
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(axum::Extension(openapi::Document::new(&doc)))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(compression::gzip))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// A registered handler with a layer on its route only.
+fn with_route_layer<L>(
+    (schemas, paths, method_router): UtoipaMethodRouter<AppState>,
+    layer: L,
+) -> UtoipaMethodRouter<AppState>
+where
+    L: tower::Layer<axum::routing::Route> + Clone + Send + Sync + 'static,
+    L::Service:
+        tower::Service<Request, Error = std::convert::Infallible> + Clone + Send + Sync + 'static,
+    <L::Service as tower::Service<Request>>::Response: IntoResponse + 'static,
+    <L::Service as tower::Service<Request>>::Future: Send + 'static,
+{
+    (schemas, paths, method_router.route_layer(layer))
 }
 
 /// An error answered to the client.

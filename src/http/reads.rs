@@ -2,6 +2,7 @@
 //! an opaque keyset cursor, rep insights (from `mv_rep_performance` while it is fresh, live
 //! otherwise) and the cache statistics.
 
+use super::openapi::ErrorBody;
 use super::{
     ApiError, ApiPath, ApiQuery, AppState,
     auth::{Principal, Scope},
@@ -12,8 +13,9 @@ use crate::{
 };
 use axum::{Json, extract::State};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 /// Every scope may read.
@@ -29,12 +31,15 @@ const SEARCH_MAX_TAGS: usize = 20;
 const MAX_DAYS: i32 = 3650;
 
 /// Query of `GET /v1/calls/search`; every filter is optional.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SearchParams {
     /// Scheduled at or after (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
     pub from: Option<DateTime<Utc>>,
     /// Scheduled before (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
     pub to: Option<DateTime<Utc>>,
     /// Product.
     pub product: Option<String>,
@@ -47,8 +52,10 @@ pub struct SearchParams {
     /// With a coaching session of this dimension.
     pub dimension: Option<Dimension>,
     /// With a session (of `dimension`) scoring at least this (0-100).
+    #[param(minimum = 0, maximum = 100)]
     pub min_score: Option<i32>,
     /// With a session (of `dimension`) scoring at most this (0-100).
+    #[param(minimum = 0, maximum = 100)]
     pub max_score: Option<i32>,
     /// Comma-separated tags the calls must all carry.
     pub tags: Option<String>,
@@ -57,16 +64,21 @@ pub struct SearchParams {
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
     /// Page size, 1-100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i32>,
 }
 
 /// `GET /v1/calls/search`: one page of calls, newest first, and the cursor of the next page
 /// (`null` on the last one).
+#[utoipa::path(get, path = "/v1/calls/search", tag = "reads", params(SearchParams),
+    responses(
+        (status = 200, description = "One page of calls", body = SearchPage),
+        (status = 400, description = "A parameter is invalid (named in the message)", body = ErrorBody)))]
 pub async fn search_calls(
     State(state): State<AppState>,
     principal: Principal,
     ApiQuery(params): ApiQuery<SearchParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SearchPage>, ApiError> {
     principal.require(READERS)?;
     let mut search = search_of(&params)?;
     if let Some(email) = &params.rep {
@@ -134,12 +146,27 @@ fn tags_of(tags: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
     Ok(Some(list))
 }
 
+/// Body of `GET /v1/calls/search`.
+#[derive(Serialize, ToSchema)]
+pub struct SearchPage {
+    /// The calls, newest first.
+    pub calls: Vec<performance::CallHit>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+    /// The page size used.
+    pub limit: i32,
+}
+
 /// The response page: the calls and, when the page is full, the cursor after its last call.
-fn page(calls: Vec<performance::CallHit>, limit: i32) -> Value {
-    let next = (calls.len() == limit as usize)
+fn page(calls: Vec<performance::CallHit>, limit: i32) -> SearchPage {
+    let next_cursor = (calls.len() == limit as usize)
         .then(|| calls.last().map(|c| encode_cursor(c.scheduled_at, c.id)))
         .flatten();
-    json!({ "calls": calls, "next_cursor": next, "limit": limit })
+    SearchPage {
+        calls,
+        next_cursor,
+        limit,
+    }
 }
 
 /// An opaque cursor: the hex of `<microseconds since the epoch>:<call id>`.
@@ -170,10 +197,12 @@ pub fn decode_cursor(cursor: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
 }
 
 /// Query of the endpoints taking a window in days.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DaysParams {
-    /// Days back from now.
+    /// Days back from now (1-3650).
+    #[param(minimum = 1, maximum = 3650)]
     pub days: Option<i32>,
 }
 
@@ -193,12 +222,18 @@ impl DaysParams {
 /// when its last refresh is at most `INSIGHTS_MAX_STALENESS_SECS` old and holds the rep,
 /// computed live otherwise (`source` says which, `as_of` when the figures are from), and the
 /// per-dimension summary of the last `days` days (always live).
+#[utoipa::path(get, path = "/v1/reps/{email}/insights", tag = "reads",
+    params(("email" = String, Path, description = "The rep's e-mail address"), DaysParams),
+    responses(
+        (status = 200, description = "The rep's performance", body = RepInsights),
+        (status = 400, description = "A parameter is invalid", body = ErrorBody),
+        (status = 404, description = "No rep has this e-mail address", body = ErrorBody)))]
 pub async fn rep_insights(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(email): ApiPath<String>,
     ApiQuery(params): ApiQuery<DaysParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RepInsights>, ApiError> {
     principal.require(READERS)?;
     let days = params.days(90)?;
     let rep = performance::rep_by_email(&state.pg, &email)
@@ -215,27 +250,60 @@ pub async fn rep_insights(
             .map(|row| (at, row)),
         None => None,
     };
-    let (source, as_of, figures) = match from_view {
-        Some((at, row)) => ("view", at, Some(row)),
+    let (source, as_of, performance) = match from_view {
+        Some((at, row)) => (InsightsSource::View, at, Some(row)),
         None => (
-            "live",
+            InsightsSource::Live,
             Utc::now(),
             performance::rep_performance_live(&state.pg, rep.id).await?,
         ),
     };
     let dimensions = performance::rep_performance_summary(&state.pg, rep.id, days).await?;
-    Ok(Json(json!({
-        "rep": rep,
-        "source": source,
-        "as_of": as_of,
-        "view_refreshed_at": refreshed,
-        "performance": figures,
-        "window_days": days,
-        "dimensions": dimensions,
-    })))
+    Ok(Json(RepInsights {
+        rep,
+        source,
+        as_of,
+        view_refreshed_at: refreshed,
+        performance,
+        window_days: days,
+        dimensions,
+    }))
+}
+
+/// Where rep insights' figures come from.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InsightsSource {
+    /// `mv_rep_performance`, refreshed recently enough.
+    View,
+    /// Computed now (`get_rep_performance_live`).
+    Live,
+}
+
+/// Body of `GET /v1/reps/{email}/insights`.
+#[derive(Serialize, ToSchema)]
+pub struct RepInsights {
+    /// The rep.
+    pub rep: performance::RepItem,
+    /// Where `performance` comes from.
+    pub source: InsightsSource,
+    /// When `performance` was computed.
+    pub as_of: DateTime<Utc>,
+    /// The view's last refresh, if any.
+    pub view_refreshed_at: Option<DateTime<Utc>>,
+    /// Totals and averages over all the rep's calls; `null` before the rep has any.
+    pub performance: Option<performance::RepPerformance>,
+    /// The window of `dimensions`, in days.
+    pub window_days: i32,
+    /// Per-dimension figures of the window.
+    pub dimensions: Vec<performance::DimensionSummary>,
 }
 
 /// `GET /v1/cache/stats?days=7`: where the window's answers came from and what they cost.
+#[utoipa::path(get, path = "/v1/cache/stats", tag = "reads", params(DaysParams),
+    responses(
+        (status = 200, description = "Cache statistics of the window", body = Object),
+        (status = 400, description = "A parameter is invalid", body = ErrorBody)))]
 pub async fn cache_stats(
     State(state): State<AppState>,
     principal: Principal,

@@ -22,7 +22,7 @@ use std::{str::FromStr, time::Duration};
 use uuid::Uuid;
 
 /// The state of a ledger row. The database's CHECK constraint allows exactly this set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for a worker (delivered or about to be).
@@ -259,7 +259,7 @@ pub async fn prune(pg: &PgPool, retention: Duration, batch: i64) -> sqlx::Result
 }
 
 /// A ledger row as shown by `GET /v1/jobs/{id}` and `callcoach jobs show`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRow {
     /// Ledger id.
     pub id: Uuid,
