@@ -6,7 +6,7 @@ use super::{
 };
 use crate::{
     db,
-    jobs::{AnalyzeCall, InvalidateRubric, Job},
+    jobs::{AnalyzeCall, InvalidateRubric, Job, warm_cache},
     ledger,
     model::{self, CallInput, Dimension, Role},
 };
@@ -178,7 +178,9 @@ pub struct RubricRequest {
 
 /// `PUT /v1/rubrics/{role}/{dimension}` (admin): stores a new rubric version, makes it active
 /// and enqueues `invalidate_rubric` for the superseded version's cache entries, all in one
-/// transaction: either the rubric and its invalidation job are both stored, or neither.
+/// transaction with a `warm_cache` job for that role and dimension over the recent calls
+/// ([`warm_cache::after_rubric_update`]): either the rubric and its jobs are all stored, or
+/// none.
 pub async fn put_rubric(
     State(state): State<AppState>,
     principal: Principal,
@@ -222,6 +224,9 @@ pub async fn put_rubric(
         }
         None => None,
     };
+    let warm =
+        warm_cache::after_rubric_update(role, dimension, version).map_err(ApiError::internal)?;
+    let warm = state.queue.enqueue_tx(&mut tx, warm).await?.job_id;
     tx.commit().await?;
     Ok(Json(json!({
         "role": role.as_str(),
@@ -229,6 +234,7 @@ pub async fn put_rubric(
         "version": version,
         "previous_version": previous,
         "invalidation_job_id": invalidation,
+        "warm_job_id": warm,
     })))
 }
 

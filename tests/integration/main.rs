@@ -22,3 +22,4 @@ mod rate_limit;
 mod reps;
 mod sdk;
 mod seed;
+mod warm;
