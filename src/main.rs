@@ -67,6 +67,28 @@ enum Command {
     /// Put every (call, dimension) result of the recent calls in both cache tiers: refill
     /// Redis from Postgres, analyse what is missing (enqueued, or here with --inline).
     Warm(WarmArgs),
+    /// Cache, cost and health report over the last days (JSON, Prometheus text or a table).
+    Stats(StatsArgs),
+}
+
+#[derive(clap::Args)]
+struct StatsArgs {
+    /// Window in days (1-3650).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(i32).range(1..=3650))]
+    days: i32,
+    /// Add per-dimension figures.
+    #[arg(long)]
+    dimension_breakdown: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = StatsFormat::Json)]
+    format: StatsFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StatsFormat {
+    Json,
+    Prometheus,
+    Table,
 }
 
 #[derive(clap::Args)]
@@ -350,6 +372,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Jobs(cmd) => run_jobs_command(&app, cmd).await,
         Command::Db(cmd) => run_db_command(&app, cmd).await,
         Command::Warm(args) => run_warm(&app, args).await,
+        Command::Stats(args) => {
+            let stats =
+                callcoach::stats::collect(&app.pg, &app.redis, args.days, args.dimension_breakdown)
+                    .await;
+            match args.format {
+                StatsFormat::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
+                StatsFormat::Prometheus => print!("{}", stats.to_prometheus()),
+                StatsFormat::Table => print!("{}", stats.to_table()),
+            }
+            Ok(())
+        }
         Command::Apikey(ApikeyCommand::Create { name, scope }) => {
             let key = auth::create_key(&app.pg, &name, scope).await?;
             println!("{}", serde_json::to_string_pretty(&key)?);
