@@ -201,25 +201,31 @@ struct RunGroup {
     tokens_saved: i64,
 }
 
-/// Per dimension and source: runs, cost, time and (for hits) the origin run's tokens.
+/// Per dimension and source: runs, cost, time and (for hits) the tokens of the first LLM run
+/// of the same key (the origin). The origins are found with one pass over `analysis_runs`
+/// (a hash semi-join on the window's hit keys; `cache_key` has no index of its own).
 async fn run_groups(pg: &PgPool, days: i32) -> sqlx::Result<Vec<RunGroup>> {
     sqlx::query_as(
-        "SELECT r.dimension, r.source, count(*) AS runs,
-                coalesce(sum(r.cost_usd), 0)::float8 AS cost_usd,
-                coalesce(sum(r.cost_without_caching_usd), 0)::float8 AS cost_without_caching_usd,
-                coalesce(sum(r.duration_ms), 0)::bigint AS duration_ms,
-                coalesce(sum(r.singleflight_wait_ms), 0)::bigint AS wait_ms,
-                coalesce(sum(CASE WHEN r.source <> 'llm' THEN o.input_tokens + o.output_tokens
-                    + o.cache_creation_tokens + o.cache_read_tokens END), 0)::bigint AS tokens_saved
-         FROM analysis_runs r
-         LEFT JOIN LATERAL (
-             SELECT origin.input_tokens, origin.output_tokens, origin.cache_creation_tokens,
-                    origin.cache_read_tokens
-             FROM analysis_runs origin
-             WHERE r.source <> 'llm' AND origin.cache_key = r.cache_key AND origin.source = 'llm'
-             ORDER BY origin.created_at LIMIT 1) o ON true
-         WHERE r.created_at >= now() - make_interval(days => $1)
-         GROUP BY r.dimension, r.source",
+        "WITH w AS (
+             SELECT dimension, source, cache_key, cost_usd, cost_without_caching_usd,
+                    duration_ms, singleflight_wait_ms
+             FROM analysis_runs WHERE created_at >= now() - make_interval(days => $1)),
+         origin AS (
+             SELECT DISTINCT ON (o.cache_key) o.cache_key,
+                    o.input_tokens + o.output_tokens + o.cache_creation_tokens
+                        + o.cache_read_tokens AS tokens
+             FROM analysis_runs o
+             WHERE o.source = 'llm'
+               AND o.cache_key IN (SELECT cache_key FROM w WHERE source <> 'llm')
+             ORDER BY o.cache_key, o.created_at)
+         SELECT w.dimension, w.source, count(*) AS runs,
+                coalesce(sum(w.cost_usd), 0)::float8 AS cost_usd,
+                coalesce(sum(w.cost_without_caching_usd), 0)::float8 AS cost_without_caching_usd,
+                coalesce(sum(w.duration_ms), 0)::bigint AS duration_ms,
+                coalesce(sum(w.singleflight_wait_ms), 0)::bigint AS wait_ms,
+                coalesce(sum(origin.tokens), 0)::bigint AS tokens_saved
+         FROM w LEFT JOIN origin ON w.source <> 'llm' AND origin.cache_key = w.cache_key
+         GROUP BY w.dimension, w.source",
     )
     .bind(days)
     .fetch_all(pg)
