@@ -33,6 +33,7 @@ pub mod performance;
 pub mod queue;
 pub mod rate_limit;
 pub mod seed;
+pub mod stats;
 pub mod supervise;
 pub mod telemetry;
 pub mod worker;

@@ -7,7 +7,7 @@ use callcoach::{
     db,
     delivery::Lane,
     http::auth,
-    jobs::{AnalyzeCall, Job, registry},
+    jobs::{AnalyzeCall, Job, registry, warm_cache},
     ledger::{self, JobState},
     llm,
     model::Dimension,
@@ -64,6 +64,55 @@ enum Command {
     /// Database tools.
     #[command(subcommand)]
     Db(DbCommand),
+    /// Put every (call, dimension) result of the recent calls in both cache tiers: refill
+    /// Redis from Postgres, analyse what is missing (enqueued, or here with --inline).
+    Warm(WarmArgs),
+    /// Cache, cost and health report over the last days (JSON, Prometheus text or a table).
+    Stats(StatsArgs),
+}
+
+#[derive(clap::Args)]
+struct StatsArgs {
+    /// Window in days (1-3650).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(i32).range(1..=3650))]
+    days: i32,
+    /// Add per-dimension figures.
+    #[arg(long)]
+    dimension_breakdown: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = StatsFormat::Json)]
+    format: StatsFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StatsFormat {
+    Json,
+    Prometheus,
+    Table,
+}
+
+#[derive(clap::Args)]
+struct WarmArgs {
+    /// Calls scheduled in the last N days.
+    #[arg(long, default_value_t = 30, value_parser = parse_warm_days)]
+    days: u32,
+    /// Only this dimension.
+    #[arg(long)]
+    dimension: Option<Dimension>,
+    /// Only calls of reps with this role (ae, se, csm).
+    #[arg(long)]
+    role: Option<callcoach::model::Role>,
+    /// Analyse what is missing in this process and wait, instead of enqueueing
+    /// `analyze_call` jobs on the background lane.
+    #[arg(long)]
+    inline: bool,
+}
+
+fn parse_warm_days(s: &str) -> Result<u32, String> {
+    let days: u32 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of days: {e}"))?;
+    warm_cache::check_days(days)
 }
 
 #[derive(Subcommand)]
@@ -322,6 +371,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Jobs(cmd) => run_jobs_command(&app, cmd).await,
         Command::Db(cmd) => run_db_command(&app, cmd).await,
+        Command::Warm(args) => run_warm(&app, args).await,
+        Command::Stats(args) => {
+            let stats =
+                callcoach::stats::collect(&app.pg, &app.redis, args.days, args.dimension_breakdown)
+                    .await;
+            match args.format {
+                StatsFormat::Json => println!("{}", serde_json::to_string_pretty(&stats)?),
+                StatsFormat::Prometheus => print!("{}", stats.to_prometheus()),
+                StatsFormat::Table => print!("{}", stats.to_table()),
+            }
+            Ok(())
+        }
         Command::Apikey(ApikeyCommand::Create { name, scope }) => {
             let key = auth::create_key(&app.pg, &name, scope).await?;
             println!("{}", serde_json::to_string_pretty(&key)?);
@@ -346,6 +407,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::LlmEmulator(_) | Command::Bench(_) | Command::Demo(_) => unreachable!(),
     }
+}
+
+/// `callcoach warm`: a progress bar on an interactive stderr, the report as JSON on stdout;
+/// exits non-zero when any (call, dimension) failed.
+async fn run_warm(app: &App, args: WarmArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let job = warm_cache::WarmCache {
+        days: args.days,
+        dimension: args.dimension,
+        role: args.role,
+    };
+    let mode = if args.inline {
+        warm_cache::Mode::Inline
+    } else {
+        warm_cache::Mode::Enqueue
+    };
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| indicatif::ProgressBar::new(0).with_message("warming"));
+    let report = warm_cache::warm(&app.jobs, &job, mode, bar.as_ref()).await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    eprintln!(
+        "calls: {}  already warm: {}  refilled: {}  analysed: {}  enqueued: {}  failed: {}",
+        report.calls,
+        report.already_warm,
+        report.refilled,
+        report.analysed,
+        report.enqueued,
+        report.failed
+    );
+    if report.failed > 0 {
+        anyhow::bail!(
+            "{} (call, dimension) results could not be warmed",
+            report.failed
+        );
+    }
+    Ok(())
 }
 
 async fn run_db_command(app: &App, cmd: DbCommand) -> anyhow::Result<()> {

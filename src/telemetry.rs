@@ -70,6 +70,19 @@ pub mod names {
     pub const LLM_SPEND_USD: &str = "callcoach_llm_spend_usd";
     /// LLM budget in USD per window, labelled `window` (day/month); 0 = no budget.
     pub const LLM_BUDGET_USD: &str = "callcoach_llm_budget_usd";
+    /// `callcoach stats --format prometheus` (the spec's names; with [`ANALYSIS_RUNS`]):
+    /// cache hit rate in percent, labelled `source` (database/redis/overall).
+    pub const STATS_CACHE_HIT_RATE: &str = "cache_hit_rate";
+    /// Stats: analyses answered by Redis, percent.
+    pub const STATS_REDIS_HIT_RATE: &str = "redis_cache_hit_rate";
+    /// Stats: Redis `used_memory` in MiB.
+    pub const STATS_REDIS_MEMORY_MB: &str = "redis_memory_used_mb";
+    /// Stats: USD saved by caching.
+    pub const STATS_COST_SAVINGS_USD: &str = "cache_cost_savings_usd";
+    /// Stats: tokens cache hits did not send.
+    pub const STATS_TOKENS_SAVED: &str = "cache_tokens_saved";
+    /// Stats: analysis jobs that succeeded, percent.
+    pub const STATS_ANALYSIS_SUCCESS_RATE: &str = "analysis_success_rate";
 }
 
 /// Installs the global tracing subscriber once; later calls are no-ops.

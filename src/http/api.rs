@@ -7,7 +7,7 @@ use super::{
 };
 use crate::{
     db,
-    jobs::{AnalyzeCall, InvalidateRubric, Job},
+    jobs::{AnalyzeCall, InvalidateRubric, Job, warm_cache},
     ledger,
     model::{self, CallInput, Dimension, Role},
 };
@@ -281,7 +281,9 @@ pub struct RubricRequest {
 
 /// `PUT /v1/rubrics/{role}/{dimension}` (admin): stores a new rubric version, makes it active
 /// and enqueues `invalidate_rubric` for the superseded version's cache entries, all in one
-/// transaction: either the rubric and its invalidation job are both stored, or neither.
+/// transaction with a `warm_cache` job for that role and dimension over the recent calls
+/// ([`warm_cache::after_rubric_update`]): either the rubric and its jobs are all stored, or
+/// none.
 #[utoipa::path(put, path = "/v1/rubrics/{role}/{dimension}", tag = "admin", request_body = RubricRequest,
     params(("role" = Role, Path, description = "Rep role"), ("dimension" = Dimension, Path, description = "Dimension")),
     responses(
@@ -336,6 +338,9 @@ pub async fn put_rubric(
         }
         None => None,
     };
+    let warm =
+        warm_cache::after_rubric_update(role, dimension, version).map_err(ApiError::internal)?;
+    let warm = state.queue.enqueue_tx(&mut tx, warm).await?.job_id;
     tx.commit().await?;
     Ok(Json(RubricUpdated {
         role,
@@ -343,6 +348,7 @@ pub async fn put_rubric(
         version: version.to_string(),
         previous_version: previous,
         invalidation_job_id: invalidation,
+        warm_job_id: warm,
     }))
 }
 
@@ -359,6 +365,8 @@ pub struct RubricUpdated {
     pub previous_version: Option<String>,
     /// The job invalidating the replaced version's cache entries, if any.
     pub invalidation_job_id: Option<Uuid>,
+    /// The job re-warming the cache of this role and dimension's recent calls.
+    pub warm_job_id: Uuid,
 }
 
 /// Fallback for unknown routes.

@@ -299,7 +299,9 @@ pub struct RepInsights {
     pub dimensions: Vec<performance::DimensionSummary>,
 }
 
-/// `GET /v1/cache/stats?days=7`: where the window's answers came from and what they cost.
+/// `GET /v1/cache/stats?days=7`: where the window's answers came from and what they cost
+/// ([`performance::cache_report`]), with the spec's sections and the per-dimension figures
+/// ([`crate::stats::collect`]).
 #[utoipa::path(get, path = "/v1/cache/stats", tag = "reads", params(DaysParams),
     responses(
         (status = 200, description = "Cache statistics of the window", body = Object),
@@ -311,7 +313,14 @@ pub async fn cache_stats(
 ) -> Result<Json<Value>, ApiError> {
     principal.require(READERS)?;
     let days = params.days(7)?;
-    Ok(Json(performance::cache_report(&state.pg, days).await?))
+    let mut report = performance::cache_report(&state.pg, days).await?;
+    let stats = crate::stats::collect(&state.pg, &state.redis, days, true).await;
+    if let (Value::Object(report), Ok(Value::Object(stats))) =
+        (&mut report, serde_json::to_value(stats))
+    {
+        report.extend(stats);
+    }
+    Ok(Json(report))
 }
 
 #[cfg(test)]

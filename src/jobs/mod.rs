@@ -12,6 +12,7 @@ pub mod collect_batch;
 pub mod invalidate_rubric;
 pub mod maintenance;
 pub mod registry;
+pub mod warm_cache;
 
 use crate::{
     cache::CoachingCache,
@@ -39,6 +40,7 @@ pub use collect_batch::CollectBatch;
 pub use invalidate_rubric::InvalidateRubric;
 pub use maintenance::{MaintainTables, RefreshRepPerformance};
 pub use registry::{Backoff, JobKind, JobOptions};
+pub use warm_cache::WarmCache;
 
 /// Everything a job may use, shared by all jobs of a worker.
 #[derive(Clone)]

@@ -8,7 +8,7 @@
 
 use super::{
     AnalyzeCall, CollectBatch, InvalidateRubric, Job, JobContext, JobError, MaintainTables, Noop,
-    RefreshRepPerformance,
+    RefreshRepPerformance, WarmCache,
 };
 use crate::{delivery::Lane, queue::NewJob};
 use futures::future::BoxFuture;
@@ -136,6 +136,7 @@ pub const REGISTRY: &[JobKind] = &[
     JobKind::of::<InvalidateRubric>(),
     JobKind::of::<RefreshRepPerformance>(),
     JobKind::of::<MaintainTables>(),
+    JobKind::of::<WarmCache>(),
     JobKind::of::<Noop>(),
 ];
 

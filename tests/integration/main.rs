@@ -23,3 +23,5 @@ mod rate_limit;
 mod reps;
 mod sdk;
 mod seed;
+mod stats;
+mod warm;
