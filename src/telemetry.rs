@@ -89,11 +89,64 @@ pub fn init_tracing() {
     };
 }
 
+/// Histogram buckets in seconds for job run time and queue wait: 5 ms to 10 min.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// A recorder builder whose duration metrics render as Prometheus histograms (with buckets)
+/// rather than summaries.
+fn builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            SECONDS_BUCKETS,
+        )
+        .expect("bucket list is not empty")
+}
+
 /// Installs the Prometheus recorder. If one is already installed in this process (several
 /// apps in one test process), returns a handle to a private recorder instead.
 pub fn install_metrics() -> PrometheusHandle {
-    match PrometheusBuilder::new().install_recorder() {
+    match builder().install_recorder() {
         Ok(handle) => handle,
-        Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+        Err(_) => builder().build_recorder().handle(),
     }
+}
+
+/// Serves `GET /metrics` (Prometheus text, no authentication: bind it to a private address)
+/// on `listener` until `shutdown` fires. Used by processes without the web front (worker,
+/// scheduler).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Binds `addr` and spawns [`serve_metrics`] on it; `None` leaves metrics unserved.
+pub async fn spawn_metrics_listener(
+    addr: Option<std::net::SocketAddr>,
+    handle: PrometheusHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let Some(addr) = addr else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    tokio::spawn(async move {
+        if let Err(e) = serve_metrics(listener, handle, shutdown).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    Ok(())
 }
