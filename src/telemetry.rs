@@ -68,6 +68,9 @@ pub mod names {
     pub const LLM_THROTTLED: &str = "callcoach_llm_throttled_total";
     /// LLM spend in USD in the current window, labelled `window` (day/month).
     pub const LLM_SPEND_USD: &str = "callcoach_llm_spend_usd";
+    /// Jobs waiting to run (queued or snoozed) in the ledger, labelled `lane`; sampled every
+    /// 15 s by every web and worker process.
+    pub const QUEUE_DEPTH: &str = "callcoach_queue_depth";
     /// LLM budget in USD per window, labelled `window` (day/month); 0 = no budget.
     pub const LLM_BUDGET_USD: &str = "callcoach_llm_budget_usd";
 }
