@@ -13,6 +13,7 @@ mod http_front;
 mod http_reads;
 mod ledger;
 mod llm;
+mod metrics;
 mod partitions;
 mod performance;
 mod pipeline;
