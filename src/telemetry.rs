@@ -31,6 +31,8 @@ pub mod names {
     pub const JOBS_FINISHED: &str = "callcoach_jobs_finished_total";
     /// Job run time in seconds, labelled `kind`.
     pub const JOB_DURATION: &str = "callcoach_job_duration_seconds";
+    /// Seconds from when a job was due to when a worker claimed it, labelled `kind` and `lane`.
+    pub const JOB_QUEUE_WAIT: &str = "callcoach_job_queue_wait_seconds";
     /// Jobs pushed to Redis by the outbox relay.
     pub const RELAY_PUSHED: &str = "callcoach_relay_pushed_total";
     /// Jobs the rescuer re-issued, labelled `what` (requeued/failed/redelivered).
@@ -205,10 +207,16 @@ const GAUGES: &[(&str, &str)] = &[
         "LLM budget in USD per window, labelled window (day/month); 0 = no budget.",
     ),
 ];
-const HISTOGRAMS: &[(&str, &str)] = &[(
-    names::JOB_DURATION,
-    "Job run time in seconds, labelled kind.",
-)];
+const HISTOGRAMS: &[(&str, &str)] = &[
+    (
+        names::JOB_DURATION,
+        "Job run time in seconds, labelled kind.",
+    ),
+    (
+        names::JOB_QUEUE_WAIT,
+        "Seconds from when a job was due to when a worker claimed it, labelled kind and lane.",
+    ),
+];
 
 /// Registers the `# HELP` text of every metric with the installed recorder.
 fn describe_metrics() {

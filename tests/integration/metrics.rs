@@ -70,6 +70,7 @@ async fn web_and_worker_metrics_pass_promtool_after_traffic() {
         .unwrap();
     for name in [
         "callcoach_job_duration_seconds_bucket{",
+        "callcoach_job_queue_wait_seconds_bucket{",
         "callcoach_jobs_finished_total{",
         "callcoach_queue_depth{lane=\"interactive\"}",
         "callcoach_llm_tokens_total{",
