@@ -58,16 +58,7 @@ async fn web_and_worker_metrics_pass_promtool_after_traffic() {
     let job = app.enqueue(call_id, &["discovery"]).await;
     assert_eq!(app.wait_for_job(job, 30).await["status"], "succeeded");
 
-    let web = app
-        .http
-        .get(app.url("/metrics"))
-        .bearer_auth(&app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let web = app.scrape_metrics().await;
     for name in [
         "callcoach_job_duration_seconds_bucket{",
         "callcoach_job_queue_wait_seconds_bucket{",
