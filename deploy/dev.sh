@@ -151,6 +151,11 @@ ensure_sdk_venv() {
   }
 }
 
+# promtool (Debian's prometheus package) for tests/integration/metrics.rs.
+ensure_promtool() {
+  command -v promtool >/dev/null 2>&1 || apt_install prometheus
+}
+
 ensure_deps() {
   ensure_redis
   ensure_postgres
@@ -507,11 +512,14 @@ cmd_test() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
   ensure_sdk_venv
+  ensure_promtool
   start_services
   export_env warn
   # The SDK test fails (rather than skips) when this Python cannot import the SDK.
   export CALLCOACH_SDK_PYTHON="$SDK_VENV/bin/python"
   export CALLCOACH_SCHEMATHESIS="$SDK_VENV/bin/schemathesis"
+  # The metrics tests fail (rather than skip) without this promtool.
+  export CALLCOACH_PROMTOOL="$(command -v promtool)"
   cd "$ROOT"
   log "cargo nextest run --workspace --no-fail-fast $*"
   local rc=0

@@ -88,6 +88,9 @@ pub struct Settings {
     pub llm_timeout: Duration,
     /// Address `callcoach web` binds (`BIND_ADDR`, default 127.0.0.1:8080).
     pub bind_addr: String,
+    /// Address the worker's standalone `/metrics` listener binds (`METRICS_ADDR`, default
+    /// 127.0.0.1:9187; `off` disables it). The web role serves `/metrics` on `BIND_ADDR`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Public base URL used in `status_url` links (`PUBLIC_URL`, default `http://{BIND_ADDR}`).
     pub public_url: String,
     /// Oldest `mv_rep_performance` refresh rep insights read from the view
@@ -189,6 +192,7 @@ impl Settings {
         bind_addr
             .parse::<std::net::SocketAddr>()
             .map_err(|e| bad("BIND_ADDR", format!("{bind_addr:?} is not host:port ({e})")))?;
+        let metrics_addr = metrics_addr(get)?;
         let cache_ttl_days: i64 = parse(get, "CACHE_TTL_DAYS", 90)?;
         if cache_ttl_days <= 0 {
             return Err(bad("CACHE_TTL_DAYS", "must be a positive number of days"));
@@ -222,6 +226,7 @@ impl Settings {
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("http://{bind_addr}")),
             bind_addr,
+            metrics_addr,
             insights_max_staleness: Duration::from_secs(positive(
                 get,
                 "INSIGHTS_MAX_STALENESS_SECS",
@@ -371,6 +376,19 @@ fn usd(get: &Env<'_>, var: &'static str) -> Result<f64, ConfigError> {
         return Err(bad(var, "must be a non-negative amount of USD"));
     }
     Ok(value)
+}
+
+/// `METRICS_ADDR`: host:port, or `off` for no metrics listener.
+fn metrics_addr(get: &Env<'_>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    match get.get("METRICS_ADDR").unwrap_or("127.0.0.1:9187") {
+        "off" => Ok(None),
+        addr => addr.parse().map(Some).map_err(|e| {
+            bad(
+                "METRICS_ADDR",
+                format!("{addr:?} is not host:port or `off` ({e})"),
+            )
+        }),
+    }
 }
 
 fn parse_bool(get: &Env<'_>, var: &'static str, default: bool) -> Result<bool, ConfigError> {

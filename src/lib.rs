@@ -76,6 +76,9 @@ pub fn redis_connection(url: &str, max_connections: usize) -> anyhow::Result<Con
     ConnectionManager::new_lazy_with_config(client, config).context("creating Redis connection")
 }
 
+/// How often web and worker processes sample gauges such as the queue depth.
+pub const GAUGE_SAMPLE_EVERY: Duration = Duration::from_secs(15);
+
 /// Waits until Redis answers PING within `within`, trying every 250 ms.
 pub async fn wait_for_redis(mut conn: ConnectionManager, within: Duration) {
     let ping = redis::cmd("PING");
@@ -189,10 +192,31 @@ impl App {
         listener: tokio::net::TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        self.spawn_gauge_sampler(GAUGE_SAMPLE_EVERY, shutdown.clone());
         let limits = http::server::ServerLimits::from_settings(&self.settings);
         http::server::serve(listener, self.router(), limits, shutdown)
             .await
             .context("HTTP server failed")
+    }
+
+    /// Samples the ledger's queue depth into [`telemetry::names::QUEUE_DEPTH`] every
+    /// `every` until `shutdown` is cancelled.
+    pub fn spawn_gauge_sampler(&self, every: Duration, shutdown: CancellationToken) {
+        let pg = self.pg.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
+                match ledger::queue_depth(&pg).await {
+                    Ok(rows) => {
+                        for (lane, depth) in rows {
+                            metrics::gauge!(telemetry::names::QUEUE_DEPTH, "lane" => lane)
+                                .set(depth as f64);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sampling the queue depth failed"),
+                }
+            }
+        });
     }
 
     /// Runs the lane workers with the ledger upkeep until `shutdown` is cancelled, then
@@ -228,6 +252,7 @@ impl App {
             lease: s.job_lease,
             drain: s.worker_drain,
         };
+        self.spawn_gauge_sampler(GAUGE_SAMPLE_EVERY, shutdown.clone());
         worker::run(
             self.jobs.clone(),
             self.redis.clone(),

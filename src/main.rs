@@ -345,7 +345,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let listener = bind(&app.settings.bind_addr).await?;
             app.serve(listener, shutdown_on_signal()).await
         }
-        Command::Worker { lanes, .. } => app.run_worker(&lanes, shutdown_on_signal()).await,
+        Command::Worker { lanes, .. } => {
+            let shutdown = shutdown_on_signal();
+            callcoach::telemetry::spawn_metrics_listener(
+                app.settings.metrics_addr,
+                app.metrics.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .context("binding METRICS_ADDR")?;
+            app.run_worker(&lanes, shutdown).await
+        }
         Command::All => run_all(&app).await,
         Command::Migrate => {
             db::migrate(&app.pg).await?;

@@ -31,6 +31,8 @@ pub mod names {
     pub const JOBS_FINISHED: &str = "callcoach_jobs_finished_total";
     /// Job run time in seconds, labelled `kind`.
     pub const JOB_DURATION: &str = "callcoach_job_duration_seconds";
+    /// Seconds from when a job was due to when a worker claimed it, labelled `kind` and `lane`.
+    pub const JOB_QUEUE_WAIT: &str = "callcoach_job_queue_wait_seconds";
     /// Jobs pushed to Redis by the outbox relay.
     pub const RELAY_PUSHED: &str = "callcoach_relay_pushed_total";
     /// Jobs the rescuer re-issued, labelled `what` (requeued/failed/redelivered).
@@ -68,6 +70,9 @@ pub mod names {
     pub const LLM_THROTTLED: &str = "callcoach_llm_throttled_total";
     /// LLM spend in USD in the current window, labelled `window` (day/month).
     pub const LLM_SPEND_USD: &str = "callcoach_llm_spend_usd";
+    /// Jobs waiting to run (queued or snoozed) in the ledger, labelled `lane`; sampled every
+    /// 15 s by every web and worker process.
+    pub const QUEUE_DEPTH: &str = "callcoach_queue_depth";
     /// LLM budget in USD per window, labelled `window` (day/month); 0 = no budget.
     pub const LLM_BUDGET_USD: &str = "callcoach_llm_budget_usd";
     /// `callcoach stats --format prometheus` (the spec's names; with [`ANALYSIS_RUNS`]):
@@ -102,11 +107,203 @@ pub fn init_tracing() {
     };
 }
 
+/// `# HELP` texts, from the doc comments in [`names`], by metric type.
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        names::CACHE_HITS,
+        "Cache hits, labelled tier (redis/postgres) and dimension.",
+    ),
+    (
+        names::CACHE_MISSES,
+        "Cache misses, labelled tier and dimension.",
+    ),
+    (
+        names::CACHE_ERRORS,
+        "Cache tier errors (Redis unreachable, …), labelled tier.",
+    ),
+    (
+        names::CACHE_CORRUPT,
+        "Corrupt Redis entries found and deleted.",
+    ),
+    (
+        names::CACHE_SINGLEFLIGHT_WAITS,
+        "Single-flight waits: analyses that reused another caller's computation, by dimension.",
+    ),
+    (
+        names::CACHE_PAID_REUSED,
+        "Answers paid for by an earlier run and reused instead of calling the LLM again.",
+    ),
+    (
+        names::CACHE_LEASE_LOST,
+        "Single-flight computations stopped because another caller took their lease.",
+    ),
+    (
+        names::CACHE_BREAKER_OPENED,
+        "Times the Redis circuit breaker opened.",
+    ),
+    (names::JOBS_ENQUEUED, "Jobs enqueued, labelled kind."),
+    (
+        names::JOBS_FINISHED,
+        "Jobs finished, labelled kind and outcome (succeeded/retry/snoozed/failed/skipped).",
+    ),
+    (
+        names::RELAY_PUSHED,
+        "Jobs pushed to Redis by the outbox relay.",
+    ),
+    (
+        names::RESCUED,
+        "Jobs the rescuer re-issued, labelled what (requeued/failed/redelivered).",
+    ),
+    (
+        names::LEDGER_PRUNED,
+        "Finished ledger rows deleted past the retention.",
+    ),
+    (names::LEDGER_BATCHES, "Grouped ledger write rounds."),
+    (
+        names::TASK_RESTARTS,
+        "Supervised background tasks restarted after a panic, labelled task.",
+    ),
+    (names::LLM_REQUESTS, "LLM requests, labelled outcome."),
+    (
+        names::LLM_TOKENS,
+        "LLM tokens, labelled kind (input/output/cache_creation/cache_read).",
+    ),
+    (
+        names::ANALYSIS_RUNS,
+        "Analysis runs stored (the spec's analysis_runs_total), labelled source.",
+    ),
+    (
+        names::LLM_PREFIX_WRITERS,
+        "LLM requests that wrote a cold cached prefix others then waited for (fan-out leaders).",
+    ),
+    (
+        names::LLM_PREFIX_WAITS,
+        "Polls of LLM requests waiting for another request to write the prefix they need.",
+    ),
+    (
+        names::LLM_COST_MICRO_USD,
+        "LLM cost in micro-USD (counters are integers), labelled model.",
+    ),
+    (names::HTTP_REQUESTS, "HTTP requests, labelled status."),
+    (
+        names::HTTP_RATE_LIMITED,
+        "HTTP requests refused with 429 by the rate limits, labelled class.",
+    ),
+    (
+        names::HTTP_RATE_LIMIT_FAILED_OPEN,
+        "HTTP requests let through unchecked because the rate limiter's Redis did not answer in time (fail open), labelled class.",
+    ),
+    (
+        names::RATE_LIMIT_FALLBACKS,
+        "Rate-limiter calls answered by the fail mode because Redis was unreachable, labelled mode (open/local).",
+    ),
+    (
+        names::LLM_THROTTLED,
+        "LLM calls given up on by the fleet limiter (the wait exceeded the maximum), labelled bucket (requests/input_tokens/output_tokens).",
+    ),
+];
+const GAUGES: &[(&str, &str)] = &[
+    (
+        names::CACHE_BREAKER_OPEN,
+        "1 while the Redis circuit breaker is open.",
+    ),
+    (
+        names::LLM_SPEND_USD,
+        "LLM spend in USD in the current window, labelled window (day/month).",
+    ),
+    (
+        names::QUEUE_DEPTH,
+        "Jobs waiting to run (queued or snoozed) in the ledger, labelled lane; sampled every 15 s by every web and worker process.",
+    ),
+    (
+        names::LLM_BUDGET_USD,
+        "LLM budget in USD per window, labelled window (day/month); 0 = no budget.",
+    ),
+];
+const HISTOGRAMS: &[(&str, &str)] = &[
+    (
+        names::JOB_DURATION,
+        "Job run time in seconds, labelled kind.",
+    ),
+    (
+        names::JOB_QUEUE_WAIT,
+        "Seconds from when a job was due to when a worker claimed it, labelled kind and lane.",
+    ),
+];
+
+/// Registers the `# HELP` text of every metric with the installed recorder.
+fn describe_metrics() {
+    for &(name, help) in COUNTERS {
+        metrics::describe_counter!(name, help);
+    }
+    for &(name, help) in GAUGES {
+        metrics::describe_gauge!(name, help);
+    }
+    for &(name, help) in HISTOGRAMS {
+        metrics::describe_histogram!(name, help);
+    }
+}
+
+/// Histogram buckets in seconds for job run time and queue wait: 5 ms to 10 min.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// A recorder builder whose duration metrics render as Prometheus histograms (with buckets)
+/// rather than summaries.
+fn builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            SECONDS_BUCKETS,
+        )
+        .expect("bucket list is not empty")
+}
+
 /// Installs the Prometheus recorder. If one is already installed in this process (several
 /// apps in one test process), returns a handle to a private recorder instead.
 pub fn install_metrics() -> PrometheusHandle {
-    match PrometheusBuilder::new().install_recorder() {
+    let handle = match builder().install_recorder() {
         Ok(handle) => handle,
-        Err(_) => PrometheusBuilder::new().build_recorder().handle(),
-    }
+        Err(_) => builder().build_recorder().handle(),
+    };
+    describe_metrics();
+    handle
+}
+
+/// Serves `GET /metrics` (Prometheus text, no authentication: bind it to a private address)
+/// on `listener` until `shutdown` fires. Used by processes without the web front (worker,
+/// scheduler).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Binds `addr` and spawns [`serve_metrics`] on it; `None` leaves metrics unserved.
+pub async fn spawn_metrics_listener(
+    addr: Option<std::net::SocketAddr>,
+    handle: PrometheusHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let Some(addr) = addr else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    tokio::spawn(async move {
+        if let Err(e) = serve_metrics(listener, handle, shutdown).await {
+            tracing::error!(error = %e, "metrics listener stopped");
+        }
+    });
+    Ok(())
 }

@@ -292,6 +292,8 @@ pub async fn perform_job(env: Envelope, ctx: &JobContext) -> anyhow::Result<RunL
             return Ok(RunLabel::Skipped);
         };
         let guard = ctx.inflight.enter(env.job_id, env.delivery);
+        metrics::histogram!(names::JOB_QUEUE_WAIT, "kind" => env.kind.clone(), "lane" => claim.lane.as_str())
+            .record(claim.queue_wait_secs);
         let Some(kind) = registry::find(&env.kind) else {
             let error = format!("unknown job kind {:?}: not in the job registry", env.kind);
             tracing::error!(%error, "failing undeliverable job");

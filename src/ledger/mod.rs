@@ -93,6 +93,22 @@ impl FromStr for JobState {
     }
 }
 
+/// Jobs waiting to run (queued or snoozed) per lane, every lane listed (0 when empty).
+pub async fn queue_depth(pg: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    let lanes: Vec<&str> = crate::delivery::Lane::ALL
+        .iter()
+        .map(|l| l.as_str())
+        .collect();
+    sqlx::query_as(
+        "SELECT l.lane, count(j.id) FROM unnest($1::text[]) AS l(lane) \
+         LEFT JOIN jobs j ON j.lane = l.lane AND j.status IN ('queued', 'snoozed') \
+         GROUP BY l.lane",
+    )
+    .bind(lanes)
+    .fetch_all(pg)
+    .await
+}
+
 /// Names of a set of states, for binding as a `text[]` parameter.
 pub fn names(states: &[JobState]) -> Vec<&'static str> {
     states.iter().map(|s| s.as_str()).collect()

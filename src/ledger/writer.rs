@@ -30,7 +30,7 @@ use uuid::Uuid;
 const MAX_BATCH: usize = 500;
 
 /// A successful claim: this worker runs the delivery.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Claimed {
     /// Attempt number of this run (1-based).
     pub attempt: i32,
@@ -38,6 +38,8 @@ pub struct Claimed {
     pub max_attempts: i32,
     /// The job's lane.
     pub lane: Lane,
+    /// Seconds from when the job was due (`run_at`) to this claim.
+    pub queue_wait_secs: f64,
 }
 
 /// How a run ended.
@@ -223,6 +225,7 @@ async fn write_claims(pg: &PgPool, settings: &ClaimSettings, requests: Vec<Claim
                         max_attempts: r.get(3),
                         // The table's CHECK allows only lane names.
                         lane: super::decode(r, "lane").unwrap_or(Lane::Interactive),
+                        queue_wait_secs: r.get("queue_wait"),
                     };
                     ((r.get(0), r.get(1)), claim)
                 })
@@ -256,7 +259,8 @@ async fn claim_rows(
                 lease_expires_at = now() + make_interval(secs => $5), claimed_by = $6, updated_at = now()
          FROM unnest($1::uuid[], $2::int[]) AS t(id, delivery)
          WHERE j.id = t.id AND j.delivery = t.delivery AND j.status = ANY($4)
-         RETURNING j.id, t.delivery, j.attempts, j.max_attempts, j.lane",
+         RETURNING j.id, t.delivery, j.attempts, j.max_attempts, j.lane,
+                   GREATEST(0, extract(epoch FROM now() - j.run_at))::float8 AS queue_wait",
     )
     .bind(ids)
     .bind(deliveries)

@@ -333,6 +333,19 @@ impl TestApp {
         format!("{}{path}", self.base)
     }
 
+    /// The web front's `/metrics` text, read with the admin key.
+    pub async fn scrape_metrics(&self) -> String {
+        let resp = self
+            .http
+            .get(self.url("/metrics"))
+            .bearer_auth(&self.admin_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    }
+
     /// POST JSON with the producer key; returns status and JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let resp = self

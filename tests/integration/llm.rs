@@ -273,16 +273,7 @@ async fn a_batch_of_cached_dimensions_counts_each_hit_once() {
     let collected = finished_job_of_kind(&app, "collect_batch").await;
     assert_eq!(collected["status"], "succeeded", "{collected}");
     let hits = || async {
-        let text = app
-            .http
-            .get(app.url("/metrics"))
-            .bearer_auth(&app.admin_key)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = app.scrape_metrics().await;
         text.lines()
             .filter(|l| l.starts_with("callcoach_cache_hits_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

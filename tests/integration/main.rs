@@ -13,6 +13,7 @@ mod http_front;
 mod http_reads;
 mod ledger;
 mod llm;
+mod metrics;
 mod openapi;
 mod partitions;
 mod performance;
