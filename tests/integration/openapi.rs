@@ -7,7 +7,6 @@
 //! skipped).
 
 use crate::helpers::{Options, spawn_app_with};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 /// Every route the router serves.
@@ -41,21 +40,11 @@ fn generous_limits() -> Vec<(&'static str, String)> {
     .collect()
 }
 
-async fn document(app: &crate::helpers::TestApp) -> Value {
-    let response = reqwest::Client::new()
-        .get(app.url("/openapi.json"))
-        .bearer_auth(&app.key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_document_covers_every_route_with_its_errors_and_security() {
     let app = spawn_app_with(Options::default()).await;
-    let doc = document(&app).await;
+    let (status, doc) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
     assert_eq!(doc["openapi"], "3.1.0");
     let paths = doc["paths"].as_object().unwrap();
     let mut listed: Vec<&str> = paths.keys().map(String::as_str).collect();
