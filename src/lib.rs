@@ -177,6 +177,7 @@ impl App {
             pg: self.pg.clone(),
             redis: self.redis.clone(),
             queue: self.queue.clone(),
+            ledger: self.jobs.ledger.clone(),
             settings: self.settings.clone(),
             metrics: self.metrics.clone(),
             spend: self.jobs.llm.spend().clone(),

@@ -44,6 +44,8 @@ pub struct AppState {
     pub redis: ConnectionManager,
     /// Producer handle.
     pub queue: Queue,
+    /// Grouped ledger reads (`GET /v1/jobs/{id}`).
+    pub ledger: crate::ledger::Ledger,
     /// Settings.
     pub settings: Arc<Settings>,
     /// Prometheus renderer for `/metrics`.
@@ -187,25 +189,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Whether a database error means "Postgres is unreachable or not accepting work now"
-/// (no connection, connection lost, shutting down or starting up, out of connections).
-pub fn database_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
-        _ => false,
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        if crate::db::unavailable(&e) {
+            tracing::warn!(error = %e, "database unavailable");
+            return ApiError::unavailable("database unavailable, retry later");
+        }
+        ApiError::internal(e)
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        if database_unavailable(&e) {
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        if e.unavailable() {
             tracing::warn!(error = %e, "database unavailable");
             return ApiError::unavailable("database unavailable, retry later");
         }
