@@ -405,25 +405,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker { lanes, .. } => {
             let shutdown = shutdown_on_signal();
-            callcoach::telemetry::spawn_metrics_listener(
-                app.settings.metrics_addr,
-                app.metrics.clone(),
-                shutdown.clone(),
-            )
-            .await
-            .context("binding METRICS_ADDR")?;
+            serve_metrics(&app, app.settings.metrics_addr, "METRICS_ADDR", &shutdown).await?;
             app.run_worker(&lanes, shutdown).await
         }
         Command::Scheduler { .. } => {
             let schedule = load_schedule()?;
             let shutdown = shutdown_on_signal();
-            callcoach::telemetry::spawn_metrics_listener(
-                app.settings.scheduler_metrics_addr,
-                app.metrics.clone(),
-                shutdown.clone(),
-            )
-            .await
-            .context("binding SCHEDULER_METRICS_ADDR")?;
+            let addr = app.settings.scheduler_metrics_addr;
+            serve_metrics(&app, addr, "SCHEDULER_METRICS_ADDR", &shutdown).await?;
             Scheduler::for_app(&app, schedule).run(shutdown).await
         }
         Command::Schedule(ScheduleCommand::Check { .. }) => check_schedule(&load_schedule()?),
@@ -649,6 +638,19 @@ async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The standalone `/metrics` listener of a role without the web front, on `addr` (set by
+/// the variable `var`) until `shutdown`.
+async fn serve_metrics(
+    app: &App,
+    addr: Option<std::net::SocketAddr>,
+    var: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    callcoach::telemetry::spawn_metrics_listener(addr, app.metrics.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("binding {var}"))
 }
 
 /// `callcoach schedule check`: the entries of a valid schedule.

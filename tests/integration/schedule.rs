@@ -44,6 +44,14 @@ async fn cron_keys(app: &TestApp) -> Vec<(String, i64)> {
     .unwrap()
 }
 
+/// Jobs of the `noop` kind the schedules enqueue, all on the background lane.
+async fn noop_jobs(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'noop' AND lane = 'background'")
+        .fetch_one(&app.app.pg)
+        .await
+        .unwrap()
+}
+
 fn once(keys: &[&str]) -> Vec<(String, i64)> {
     keys.iter().map(|k| (k.to_string(), 1)).collect()
 }
@@ -85,12 +93,7 @@ async fn two_schedulers_enqueue_every_tick_exactly_once() {
     );
     // Each tick was due for both: one created its job, the other found it.
     assert_eq!(totals, (5, 5));
-    let jobs: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'noop' AND lane = 'background'")
-            .fetch_one(&app.app.pg)
-            .await
-            .unwrap();
-    assert_eq!(jobs, 5, "one background job per tick");
+    assert_eq!(noop_jobs(&app).await, 5, "one background job per tick");
 }
 
 #[tokio::test]
@@ -113,11 +116,11 @@ async fn schedulers_driven_by_the_heartbeat_enqueue_each_tick_once() {
     let keys = cron_keys(&app).await;
     assert!(keys.len() >= 3, "the heartbeat drove passes: {keys:?}");
     assert!(keys.iter().all(|(_, n)| *n == 1), "{keys:?}");
-    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE kind = 'noop'")
-        .fetch_one(&app.app.pg)
-        .await
-        .unwrap();
-    assert_eq!(jobs as usize, keys.len(), "one job per tick");
+    assert_eq!(
+        noop_jobs(&app).await as usize,
+        keys.len(),
+        "one job per tick"
+    );
 }
 
 #[tokio::test]
