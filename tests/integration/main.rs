@@ -22,6 +22,7 @@ mod proxy;
 mod queue;
 mod rate_limit;
 mod reps;
+mod schedule;
 mod sdk;
 mod seed;
 mod stats;
