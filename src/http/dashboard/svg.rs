@@ -90,6 +90,16 @@ pub fn line_chart(
                 escape(s.color),
                 points.join(" ")
             );
+            // A dot on each value, so a lone value between gaps is seen too.
+            for &(i, v) in &segment {
+                let _ = write!(
+                    svg,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"2.5\" fill=\"{}\"/>",
+                    x(i),
+                    y(v),
+                    escape(s.color)
+                );
+            }
         }
         legend(&mut svg, n, s.name, s.color);
     }
