@@ -46,7 +46,7 @@ use crate::ledger;
 use axum::{
     Extension, Form, Router,
     extract::{
-        Query, Request, State,
+        FromRequest, Query, Request, State,
         rejection::{FormRejection, QueryRejection},
     },
     http::{HeaderMap, HeaderValue, StatusCode, header},
@@ -82,8 +82,7 @@ pub fn router(state: AppState, limits: RateLimits) -> Router<AppState> {
     let protected = Router::new()
         .route("/dashboard", get(show))
         .route("/dashboard/logout", post(logout))
-        .route("/dashboard/jobs/{id}/retry", post(retry))
-        .route("/dashboard/jobs/{id}/cancel", post(cancel))
+        .route("/dashboard/jobs/{id}/{action}", post(job_action))
         .route("/dashboard/jobs/replay-dead", post(replay_dead))
         .route_layer(session);
     Router::new()
@@ -242,6 +241,22 @@ fn check_action(
     Ok(())
 }
 
+/// An action's form post that passed [`check_action`]; otherwise the 403 is answered.
+struct CheckedForm;
+
+impl FromRequest<AppState> for CheckedForm {
+    type Rejection = Response;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Response> {
+        let token = request.extensions().get::<CsrfToken>().cloned();
+        let headers = request.headers().clone();
+        let form = Form::<ActionForm>::from_request(request, state).await;
+        let token = token.ok_or_else(|| refused("no dashboard session"))?;
+        check_action(&headers, &token, form).map_err(refused)?;
+        Ok(CheckedForm)
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -265,14 +280,7 @@ fn refused(message: &str) -> Response {
     (StatusCode::FORBIDDEN, Html(page::error("Refused", message))).into_response()
 }
 
-async fn logout(
-    headers: HeaderMap,
-    Extension(token): Extension<CsrfToken>,
-    form: Result<Form<ActionForm>, FormRejection>,
-) -> Response {
-    if let Err(why) = check_action(&headers, &token, form) {
-        return refused(why);
-    }
+async fn logout(_checked: CheckedForm) -> Response {
     let cookie = format!(
         "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
         auth::SESSION_COOKIE
@@ -342,38 +350,30 @@ fn back(flash: &str, job: Option<Uuid>) -> Response {
     Redirect::to(&format!("/dashboard?flash={flash}{job}")).into_response()
 }
 
-/// A job action: checks, then runs `transition` and redirects with `done` or `refused`.
-async fn job_action<F, Fut>(
-    state: &AppState,
-    headers: &HeaderMap,
-    token: &CsrfToken,
-    form: Result<Form<ActionForm>, FormRejection>,
-    id: &str,
-    transition: F,
-    (done, not_now): (&str, &str),
-) -> Response
-where
-    F: FnOnce(sqlx::PgPool, Uuid) -> Fut,
-    Fut: std::future::Future<Output = sqlx::Result<bool>>,
-{
-    if let Err(why) = check_action(headers, token, form) {
-        return refused(why);
+/// `POST /dashboard/jobs/{id}/retry` and `…/cancel`: checks the origin and token, runs the
+/// ledger transition and redirects back saying whether it applied.
+async fn job_action(
+    State(state): State<AppState>,
+    axum::extract::Path((id, action)): axum::extract::Path<(String, String)>,
+    _checked: CheckedForm,
+) -> Response {
+    if action != "retry" && action != "cancel" {
+        let page = page::error("Not found", "the actions are retry and cancel");
+        return (StatusCode::NOT_FOUND, Html(page)).into_response();
     }
     let Ok(id) = id.parse::<Uuid>() else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Html(page::error("Bad request", "the job id is not a UUID")),
-        )
-            .into_response();
+        let page = page::error("Bad request", "the job id is not a UUID");
+        return (StatusCode::BAD_REQUEST, Html(page)).into_response();
     };
     let result = async {
         if ledger::job(&state.pg, id).await?.is_none() {
             return Ok("not_found");
         }
-        Ok::<_, sqlx::Error>(if transition(state.pg.clone(), id).await? {
-            done
-        } else {
-            not_now
+        Ok::<_, sqlx::Error>(match action.as_str() {
+            "retry" if ledger::retry(&state.pg, id).await? => "retried",
+            "retry" => "not_retryable",
+            _ if ledger::cancel(&state.pg, id).await? => "cancelled",
+            _ => "not_cancellable",
         })
     };
     match result.await {
@@ -384,63 +384,14 @@ where
 
 fn action_failed(e: sqlx::Error) -> Response {
     let status = super::ApiError::from(e).status;
-    (
-        status,
-        Html(page::error(
-            "Action failed",
-            "the database could not be updated; retry shortly",
-        )),
-    )
-        .into_response()
+    let page = page::error(
+        "Action failed",
+        "the database could not be updated; retry shortly",
+    );
+    (status, Html(page)).into_response()
 }
 
-async fn retry(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Extension(token): Extension<CsrfToken>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-    form: Result<Form<ActionForm>, FormRejection>,
-) -> Response {
-    job_action(
-        &state,
-        &headers,
-        &token,
-        form,
-        &id,
-        |pg, id| async move { ledger::retry(&pg, id).await },
-        ("retried", "not_retryable"),
-    )
-    .await
-}
-
-async fn cancel(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Extension(token): Extension<CsrfToken>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-    form: Result<Form<ActionForm>, FormRejection>,
-) -> Response {
-    job_action(
-        &state,
-        &headers,
-        &token,
-        form,
-        &id,
-        |pg, id| async move { ledger::cancel(&pg, id).await },
-        ("cancelled", "not_cancellable"),
-    )
-    .await
-}
-
-async fn replay_dead(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Extension(token): Extension<CsrfToken>,
-    form: Result<Form<ActionForm>, FormRejection>,
-) -> Response {
-    if let Err(why) = check_action(&headers, &token, form) {
-        return refused(why);
-    }
+async fn replay_dead(State(state): State<AppState>, _checked: CheckedForm) -> Response {
     match ledger::replay_failed(&state.pg, REPLAY_LIMIT).await {
         Ok(n) => Redirect::to(&format!("/dashboard?flash=replayed&n={n}")).into_response(),
         Err(e) => action_failed(e),
