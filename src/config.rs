@@ -552,6 +552,7 @@ mod tests {
             ("ENABLE_CACHING", "maybe"),
             ("REDIS_PORT", "99999"),
             ("ANTHROPIC_BASE_URL", "ftp://x"),
+            ("DASHBOARD_COOKIE_SECURE", "https"),
         ] {
             let err = Settings::from_map(&env(&[(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value}");

@@ -16,7 +16,9 @@
 //! Every other dashboard route needs the session: without a valid one a request is
 //! redirected (303) to the login page. Only the login page and the stylesheet are served
 //! without a key. Authenticated requests are rate limited like the API, on the key's own
-//! buckets ([`RateLimits::admit`]).
+//! buckets ([`RateLimits::admit`]); login attempts have no principal to charge (a key is 40
+//! random alphanumerics, beyond guessing) and, like any request without a valid key, cost
+//! one cached or indexed lookup. The login form must be posted from this origin too.
 //!
 //! # Actions and CSRF
 //! Retry (failed or cancelled jobs, [`ledger::retry`]), cancel (queued or snoozed jobs,
