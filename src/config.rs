@@ -176,6 +176,9 @@ pub struct Settings {
     /// HTTP rate limits per API key and route class (`RATE_LIMIT_*`, see
     /// [`crate::http::limits`]).
     pub http_rate_limits: RateLimitSettings,
+    /// Whether the dashboard's session cookie is marked `Secure` (`DASHBOARD_COOKIE_SECURE`,
+    /// default false for plain-HTTP loopback use; set true behind HTTPS).
+    pub dashboard_cookie_secure: bool,
 }
 
 impl Settings {
@@ -301,6 +304,7 @@ impl Settings {
             llm_batch_mode: parse_bool(get, "LLM_BATCH_MODE", true)?,
             batch_poll: Duration::from_secs(positive(get, "BATCH_POLL_SECS", 60)?),
             http_rate_limits: http_rate_limits(get)?,
+            dashboard_cookie_secure: parse_bool(get, "DASHBOARD_COOKIE_SECURE", false)?,
         };
         Ok(settings)
     }
@@ -584,6 +588,7 @@ mod tests {
             ("ENABLE_CACHING", "maybe"),
             ("REDIS_PORT", "99999"),
             ("ANTHROPIC_BASE_URL", "ftp://x"),
+            ("DASHBOARD_COOKIE_SECURE", "https"),
         ] {
             let err = Settings::from_map(&env(&[(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value}");

@@ -185,6 +185,7 @@ impl App {
             metrics: self.metrics.clone(),
             spend: self.jobs.llm.spend().clone(),
             keys: http::auth::KeyCache::new(self.settings.auth_cache),
+            schedule: None,
         })
     }
 

@@ -4,6 +4,8 @@
 pub mod api;
 pub mod auth;
 pub mod compression;
+pub mod dashboard;
+pub mod html;
 pub mod idempotency;
 pub mod limits;
 pub mod openapi;
@@ -54,6 +56,9 @@ pub struct AppState {
     pub spend: crate::llm::limits::SpendGuard,
     /// Authenticated API keys, cached for `AUTH_CACHE_MS`.
     pub keys: auth::KeyCache,
+    /// What the dashboard's schedule panel lists; `None` shows "scheduler not configured".
+    /// The scheduler provides an implementation of [`dashboard::ScheduleSource`].
+    pub schedule: Option<Arc<dyn dashboard::ScheduleSource>>,
 }
 
 /// Builds the router with every route and layer. Each handler is registered with its OpenAPI
@@ -61,6 +66,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.settings.http_max_body_bytes;
     let limits = limits::RateLimits::new(&state);
+    let dashboard = dashboard::router(state.clone(), limits.clone());
     let idempotent = || from_fn_with_state(state.clone(), idempotency::idempotent);
     let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(api::healthz))
@@ -85,6 +91,8 @@ pub fn router(state: AppState) -> Router {
         .split_for_parts();
     openapi::describe_common_errors(&mut doc);
     router
+        // Browser pages, not JSON API: kept out of the OpenAPI document.
+        .merge(dashboard)
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::Extension(openapi::Document::new(&doc)))

@@ -6,6 +6,7 @@ mod bad_input;
 mod bench;
 mod cache;
 mod cli;
+mod dashboard;
 mod explain;
 mod faults;
 mod helpers;
