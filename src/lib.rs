@@ -185,7 +185,10 @@ impl App {
             metrics: self.metrics.clone(),
             spend: self.jobs.llm.spend().clone(),
             keys: http::auth::KeyCache::new(self.settings.auth_cache),
-            schedule: None,
+            schedule: Some(Arc::new(schedule::DashboardSchedule::load(
+                self.pg.clone(),
+                self.settings.schedule_file.as_deref(),
+            ))),
         })
     }
 

@@ -288,3 +288,42 @@ pub fn table(schedule: &Schedule, rows: &[Listed]) -> String {
     }
     out
 }
+
+/// The schedule panel of the dashboard: the schedule file this process was configured with
+/// (`SCHEDULE_FILE`, or the built-in one), each entry with its last run from the ledger.
+/// A file that does not load is shown as the panel's error, so the web role still starts.
+pub struct DashboardSchedule {
+    pg: PgPool,
+    schedule: Result<Schedule, String>,
+}
+
+impl DashboardSchedule {
+    /// Loads the schedule file from `path` (the built-in one for `None`).
+    pub fn load(pg: PgPool, path: Option<&std::path::Path>) -> Self {
+        let schedule = Schedule::load(path).map_err(|e| e.to_string());
+        Self { pg, schedule }
+    }
+}
+
+impl crate::http::dashboard::ScheduleSource for DashboardSchedule {
+    fn entries(
+        &self,
+    ) -> futures::future::BoxFuture<'_, anyhow::Result<Vec<crate::http::dashboard::ScheduleRow>>>
+    {
+        Box::pin(async move {
+            let schedule = self.schedule.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let rows = list(&self.pg, schedule, Utc::now()).await?;
+            Ok(rows
+                .into_iter()
+                .map(|row| crate::http::dashboard::ScheduleRow {
+                    name: row.entry.name,
+                    kind: row.entry.job.kind().to_string(),
+                    cron: format!("{} ({})", row.entry.cron, schedule.timezone),
+                    enabled: row.entry.enabled,
+                    last_run: row.last.map(|l| l.tick),
+                    next_run: row.next,
+                })
+                .collect())
+        })
+    }
+}

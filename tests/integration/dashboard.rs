@@ -186,7 +186,37 @@ async fn login_needs_a_valid_ops_or_admin_key_and_sets_an_http_only_strict_cooki
     let cookie = set.split(';').next().unwrap();
     let (status, page) = dashboard(&app, cookie).await;
     assert_eq!(status, 200);
-    assert!(page.contains("test-ops") && page.contains("scheduler not configured"));
+    assert!(page.contains("test-ops"));
+    // The schedule panel lists the built-in schedule with each entry's last run.
+    let schedule = &page[page.find("<section id=\"schedule\">").unwrap()..];
+    for entry in [
+        "warm_cache",
+        "refresh_rep_performance",
+        "maintain_tables",
+        "0 0 4 * * Sun",
+    ] {
+        assert!(schedule.contains(entry), "{entry} missing: {schedule}");
+    }
+    assert!(!schedule.contains("2026-12-01 02:00:00"), "{schedule}");
+    let mut scheduler = callcoach::schedule::Scheduler::for_app(
+        &app.app,
+        callcoach::schedule::Schedule::load(None).unwrap(),
+    );
+    let tick_passed = "2026-12-01T02:00:05Z".parse().unwrap();
+    assert_eq!(
+        scheduler
+            .enqueue_due(tick_passed)
+            .await
+            .unwrap()
+            .enqueued
+            .len(),
+        1
+    );
+    let (_, page) = dashboard(&app, cookie).await;
+    assert!(
+        page.contains("2026-12-01 02:00:00"),
+        "last run missing: {page}"
+    );
     assert!(page.contains("href=\"/docs\""));
     let docs = browser()
         .get(app.url("/docs"))
