@@ -18,6 +18,12 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// mimalloc instead of the system allocator: requests allocate and free many small buffers
+/// from every runtime thread, and glibc's malloc was the largest single cost in profiles of
+/// the HTTP front under load (`callcoach bench http`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "callcoach",
