@@ -432,8 +432,8 @@ impl RateLimits {
     pub fn new(app: &AppState) -> Self {
         let settings = app.settings.http_rate_limits;
         let limiter = settings.enabled.then(|| {
-            let conn = crate::redis_connection(app.settings.redis_url.expose(), REDIS_IN_FLIGHT)
-                .unwrap_or_else(|e| {
+            let conn =
+                crate::redis_connection(&app.settings, REDIS_IN_FLIGHT).unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "rate limits share the app's Redis connection");
                     app.redis.clone()
                 });

@@ -25,4 +25,5 @@ mod reps;
 mod sdk;
 mod seed;
 mod stats;
+mod tls;
 mod warm;
