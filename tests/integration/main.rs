@@ -18,6 +18,7 @@ mod openapi;
 mod partitions;
 mod performance;
 mod pipeline;
+mod procfile;
 mod proxy;
 mod queue;
 mod rate_limit;
