@@ -166,6 +166,9 @@ pub struct Settings {
     /// A delivered job not started this long after its due time is checked against Redis and
     /// re-issued if Redis lost it (`REDELIVER_AFTER_SECS`, default 30).
     pub redeliver_after: Duration,
+    /// How often the web role samples the stats report into the `/metrics` gauges
+    /// (`STATS_SAMPLE_SECS`, default 30).
+    pub stats_sample: Duration,
     /// HTTP rate limits per API key and route class (`RATE_LIMIT_*`, see
     /// [`crate::http::limits`]).
     pub http_rate_limits: RateLimitSettings,
@@ -289,6 +292,7 @@ impl Settings {
             llm_fan_out_wait: Duration::from_secs(parse(get, "LLM_FAN_OUT_WAIT_SECS", 30)?),
             llm_batch_mode: parse_bool(get, "LLM_BATCH_MODE", true)?,
             batch_poll: Duration::from_secs(positive(get, "BATCH_POLL_SECS", 60)?),
+            stats_sample: Duration::from_secs(positive(get, "STATS_SAMPLE_SECS", 30)?),
             http_rate_limits: http_rate_limits(get)?,
         };
         Ok(settings)

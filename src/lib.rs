@@ -213,6 +213,12 @@ impl App {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         self.spawn_gauge_sampler(GAUGE_SAMPLE_EVERY, shutdown.clone());
+        tokio::spawn(stats::sample_gauges(
+            self.pg.clone(),
+            self.redis.clone(),
+            self.settings.stats_sample,
+            shutdown.clone(),
+        ));
         let limits = http::server::ServerLimits::from_settings(&self.settings);
         http::server::serve(listener, self.router(), limits, shutdown)
             .await

@@ -466,6 +466,13 @@ pub async fn enforce(State(limits): State<RateLimits>, request: Request, next: N
         Err(rejection) => return rejection.into_response(),
     };
     let verdict = limiter.check(principal.key_id, class).await;
+    let decision = match (verdict.failed_open(), verdict.allowed) {
+        (true, _) => "fail_open",
+        (false, true) => "allowed",
+        (false, false) => "denied",
+    };
+    metrics::counter!(names::HTTP_RATE_LIMIT_DECISIONS, "class" => class.name(), "decision" => decision)
+        .increment(1);
     if verdict.failed_open() {
         metrics::counter!(names::HTTP_RATE_LIMIT_FAILED_OPEN, "class" => class.name()).increment(1);
     }
