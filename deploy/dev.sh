@@ -6,8 +6,9 @@
 #
 #   deploy/dev.sh demo          build release, start services, run `callcoach demo`, stop
 #   deploy/dev.sh test [ARGS]   start services, `cargo nextest run --workspace --no-fail-fast [ARGS]`, stop
-#                               (also creates .dev/sdk-venv with the anthropic Python SDK, schemathesis
-#                               and honcho, and a self-signed CA + server certificate in .dev/tls)
+#                               (also creates .dev/sdk-venv with the anthropic Python SDK, schemathesis,
+#                               websocket-client and honcho, installs Debian's chromium, and makes a
+#                               self-signed CA + server certificate in .dev/tls)
 #   deploy/dev.sh up            start services and print `export` lines (eval "$(deploy/dev.sh up)")
 #   deploy/dev.sh down          stop the services
 #   deploy/dev.sh env           print the `export` lines
@@ -29,6 +30,7 @@ APT_LOG="$DEV_DIR/apt.log"
 SDK_VENV="$DEV_DIR/sdk-venv"
 SDK_SPEC='anthropic>=2,<3'
 SCHEMATHESIS_SPEC='schemathesis>=4.3,<5'
+WEBSOCKET_SPEC='websocket-client>=1.8,<2'
 HONCHO_SPEC='honcho>=2,<3'
 TLS_DIR="$DEV_DIR/tls"
 PG_PORT="${CALLCOACH_DEV_PG_PORT:-55432}"
@@ -138,18 +140,19 @@ ensure_postgres() {
 }
 
 # The official anthropic Python SDK (tests/integration/sdk.rs), schemathesis
-# (tests/integration/openapi.rs) and honcho (tests/integration/procfile.rs) in
-# $SDK_VENV. Reused when it already has all three.
+# (tests/integration/openapi.rs), websocket-client (the DevTools driver of
+# tests/integration/dashboard.rs) and honcho (tests/integration/procfile.rs) in
+# $SDK_VENV. Reused when it already has all four.
 ensure_sdk_venv() {
   local py="$SDK_VENV/bin/python"
-  if [[ -x $py && -x $SDK_VENV/bin/schemathesis && -x $SDK_VENV/bin/honcho ]] && "$py" -c 'import anthropic, sys; sys.exit(anthropic.__version__.split(".")[0] != "2")' 2>/dev/null; then
+  if [[ -x $py && -x $SDK_VENV/bin/schemathesis && -x $SDK_VENV/bin/honcho ]] && "$py" -c 'import anthropic, websocket, sys; sys.exit(anthropic.__version__.split(".")[0] != "2")' 2>/dev/null; then
     return 0
   fi
   command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_install python3-venv
   mkdir -p "$DEV_DIR"
-  log "creating $SDK_VENV with $SDK_SPEC $SCHEMATHESIS_SPEC $HONCHO_SPEC (output in .dev/sdk-venv.log)"
-  { python3 -m venv --clear "$SDK_VENV" && "$SDK_VENV/bin/pip" install -q "$SDK_SPEC" "$SCHEMATHESIS_SPEC" "$HONCHO_SPEC"; } >"$DEV_DIR/sdk-venv.log" 2>&1 || {
+  log "creating $SDK_VENV with $SDK_SPEC $SCHEMATHESIS_SPEC $WEBSOCKET_SPEC $HONCHO_SPEC (output in .dev/sdk-venv.log)"
+  { python3 -m venv --clear "$SDK_VENV" && "$SDK_VENV/bin/pip" install -q "$SDK_SPEC" "$SCHEMATHESIS_SPEC" "$WEBSOCKET_SPEC" "$HONCHO_SPEC"; } >"$DEV_DIR/sdk-venv.log" 2>&1 || {
     tail -n 20 "$DEV_DIR/sdk-venv.log" >&2
     die "could not install the Python test tools (full log: $DEV_DIR/sdk-venv.log)"
   }
@@ -182,6 +185,11 @@ ensure_tls_certs() {
 # promtool (Debian's prometheus package) for tests/integration/metrics.rs.
 ensure_promtool() {
   command -v promtool >/dev/null 2>&1 || apt_install prometheus
+}
+
+# Debian's chromium for the headless browser test of the dashboard.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 || apt_install chromium
 }
 
 ensure_deps() {
@@ -541,6 +549,7 @@ cmd_test() {
   trap 'exit 143' TERM
   ensure_sdk_venv
   ensure_promtool
+  ensure_chromium
   ensure_tls_certs
   start_services
   export_env warn
@@ -555,6 +564,8 @@ cmd_test() {
   export CALLCOACH_TLS_KEY_FILE="$TLS_DIR/server.key"
   # The metrics tests fail (rather than skip) without this promtool.
   export CALLCOACH_PROMTOOL="$(command -v promtool)"
+  # The dashboard's browser test fails (rather than skips) without this chromium.
+  export CALLCOACH_CHROMIUM="$(command -v chromium)"
   cd "$ROOT"
   log "cargo nextest run --workspace --no-fail-fast $*"
   local rc=0

@@ -94,6 +94,16 @@ pub struct Settings {
     /// Address the worker's standalone `/metrics` listener binds (`METRICS_ADDR`, default
     /// 127.0.0.1:9187; `off` disables it). The web role serves `/metrics` on `BIND_ADDR`.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Address the scheduler's standalone `/metrics` listener binds (`SCHEDULER_METRICS_ADDR`,
+    /// default 127.0.0.1:9188; `off` disables it).
+    pub scheduler_metrics_addr: Option<std::net::SocketAddr>,
+    /// The schedule file `callcoach scheduler` reads (`SCHEDULE_FILE`; unset: the
+    /// `jobs/schedule.toml` built into the binary). `--schedule PATH` overrides it.
+    pub schedule_file: Option<std::path::PathBuf>,
+    /// How late a missed tick is still enqueued (`SCHEDULE_CATCH_UP_GRACE_SECS`, default
+    /// 3600): a scheduler back from downtime enqueues the latest tick it missed within this
+    /// window, once. Must be shorter than `JOB_RETENTION_DAYS`.
+    pub schedule_catch_up_grace: Duration,
     /// Public base URL used in `status_url` links (`PUBLIC_URL`, default `http://{BIND_ADDR}`).
     pub public_url: String,
     /// Oldest `mv_rep_performance` refresh rep insights read from the view
@@ -172,6 +182,9 @@ pub struct Settings {
     /// HTTP rate limits per API key and route class (`RATE_LIMIT_*`, see
     /// [`crate::http::limits`]).
     pub http_rate_limits: RateLimitSettings,
+    /// Whether the dashboard's session cookie is marked `Secure` (`DASHBOARD_COOKIE_SECURE`,
+    /// default false for plain-HTTP loopback use; set true behind HTTPS).
+    pub dashboard_cookie_secure: bool,
 }
 
 impl Settings {
@@ -198,7 +211,11 @@ impl Settings {
         bind_addr
             .parse::<std::net::SocketAddr>()
             .map_err(|e| bad("BIND_ADDR", format!("{bind_addr:?} is not host:port ({e})")))?;
-        let metrics_addr = metrics_addr(get)?;
+        let metrics_addr = listen_addr(get, "METRICS_ADDR", "127.0.0.1:9187")?;
+        let scheduler_metrics_addr = listen_addr(get, "SCHEDULER_METRICS_ADDR", "127.0.0.1:9188")?;
+        let job_retention = Duration::from_secs(
+            u64::from(positive::<u32>(get, "JOB_RETENTION_DAYS", 30)?) * 86_400,
+        );
         let cache_ttl_days: i64 = parse(get, "CACHE_TTL_DAYS", 90)?;
         if cache_ttl_days <= 0 {
             return Err(bad("CACHE_TTL_DAYS", "must be a positive number of days"));
@@ -234,6 +251,7 @@ impl Settings {
                 .unwrap_or_else(|| format!("http://{bind_addr}")),
             bind_addr,
             metrics_addr,
+            scheduler_metrics_addr,
             insights_max_staleness: Duration::from_secs(positive(
                 get,
                 "INSIGHTS_MAX_STALENESS_SECS",
@@ -268,9 +286,9 @@ impl Settings {
             worker_background_concurrency: positive(get, "WORKER_BACKGROUND_CONCURRENCY", 2)?,
             job_lease: Duration::from_secs(positive(get, "JOB_LEASE_SECS", 20)?),
             rescue_interval: Duration::from_millis(positive(get, "RESCUE_INTERVAL_MS", 5000)?),
-            job_retention: Duration::from_secs(
-                u64::from(positive::<u32>(get, "JOB_RETENTION_DAYS", 30)?) * 86_400,
-            ),
+            schedule_file: get.get("SCHEDULE_FILE").map(std::path::PathBuf::from),
+            schedule_catch_up_grace: catch_up_grace(get, job_retention)?,
+            job_retention,
             prune_interval: Duration::from_secs(positive(get, "PRUNE_INTERVAL_SECS", 600)?),
             worker_drain: Duration::from_secs(positive(get, "WORKER_DRAIN_SECS", 30)?),
             database_acquire_timeout: Duration::from_millis(positive(
@@ -294,6 +312,7 @@ impl Settings {
             batch_poll: Duration::from_secs(positive(get, "BATCH_POLL_SECS", 60)?),
             stats_sample: Duration::from_secs(positive(get, "STATS_SAMPLE_SECS", 30)?),
             http_rate_limits: http_rate_limits(get)?,
+            dashboard_cookie_secure: parse_bool(get, "DASHBOARD_COOKIE_SECURE", false)?,
         };
         Ok(settings)
     }
@@ -386,17 +405,38 @@ fn usd(get: &Env<'_>, var: &'static str) -> Result<f64, ConfigError> {
     Ok(value)
 }
 
-/// `METRICS_ADDR`: host:port, or `off` for no metrics listener.
-fn metrics_addr(get: &Env<'_>) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-    match get.get("METRICS_ADDR").unwrap_or("127.0.0.1:9187") {
+/// A metrics listener address (`METRICS_ADDR`, `SCHEDULER_METRICS_ADDR`): host:port, or `off`
+/// for no listener.
+fn listen_addr(
+    get: &Env<'_>,
+    var: &'static str,
+    default: &str,
+) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    match get.get(var).unwrap_or(default) {
         "off" => Ok(None),
-        addr => addr.parse().map(Some).map_err(|e| {
-            bad(
-                "METRICS_ADDR",
-                format!("{addr:?} is not host:port or `off` ({e})"),
-            )
-        }),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|e| bad(var, format!("{addr:?} is not host:port or `off` ({e})"))),
     }
+}
+
+/// `SCHEDULE_CATCH_UP_GRACE_SECS`: positive and shorter than the ledger retention, so the
+/// ledger row of a tick outlives the window in which that tick could be enqueued again.
+fn catch_up_grace(get: &Env<'_>, retention: Duration) -> Result<Duration, ConfigError> {
+    let var = "SCHEDULE_CATCH_UP_GRACE_SECS";
+    let grace = Duration::from_secs(positive(get, var, 3600)?);
+    if grace >= retention {
+        return Err(bad(
+            var,
+            format!(
+                "{} s is not shorter than JOB_RETENTION_DAYS ({} s): a tick's ledger row could be pruned while the tick can still be enqueued",
+                grace.as_secs(),
+                retention.as_secs()
+            ),
+        ));
+    }
+    Ok(grace)
 }
 
 fn parse_bool(get: &Env<'_>, var: &'static str, default: bool) -> Result<bool, ConfigError> {
@@ -618,6 +658,7 @@ mod tests {
             ("ENABLE_CACHING", "maybe"),
             ("REDIS_PORT", "99999"),
             ("ANTHROPIC_BASE_URL", "ftp://x"),
+            ("DASHBOARD_COOKIE_SECURE", "https"),
         ] {
             let err = Settings::from_map(&env(&[(var, value)])).unwrap_err();
             assert_eq!(err.var, var, "{value}");
@@ -669,6 +710,38 @@ mod tests {
         assert!(err.message.contains("retired") && err.message.contains("claude-sonnet-5-5"));
         let err = Settings::from_map(&env(&[("CLAUDE_MODEL", "claude-9")])).unwrap_err();
         assert!(err.message.contains("unknown model"), "{err}");
+    }
+
+    #[test]
+    fn scheduler_settings_are_checked() {
+        let s = Settings::from_map(&env(&[])).unwrap();
+        assert_eq!(s.schedule_catch_up_grace, Duration::from_secs(3600));
+        assert_eq!(s.schedule_file, None);
+        assert_eq!(
+            s.scheduler_metrics_addr,
+            Some("127.0.0.1:9188".parse().unwrap())
+        );
+        let s = Settings::from_map(&env(&[
+            ("SCHEDULE_FILE", "/etc/callcoach/schedule.toml"),
+            ("SCHEDULER_METRICS_ADDR", "off"),
+        ]))
+        .unwrap();
+        assert_eq!(s.scheduler_metrics_addr, None);
+        assert!(s.schedule_file.is_some());
+        for (var, value) in [
+            ("SCHEDULE_CATCH_UP_GRACE_SECS", "0"),
+            ("SCHEDULE_CATCH_UP_GRACE_SECS", "2592000"),
+            ("SCHEDULER_METRICS_ADDR", "9188"),
+        ] {
+            let err = Settings::from_map(&env(&[(var, value)])).unwrap_err();
+            assert_eq!(err.var, var, "{value}: {err}");
+        }
+        let err = Settings::from_map(&env(&[
+            ("JOB_RETENTION_DAYS", "1"),
+            ("SCHEDULE_CATCH_UP_GRACE_SECS", "86400"),
+        ]))
+        .unwrap_err();
+        assert!(err.message.contains("JOB_RETENTION_DAYS"), "{err}");
     }
 
     #[test]

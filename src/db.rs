@@ -20,6 +20,22 @@ pub fn pool(url: &str, max_connections: u32, acquire_timeout: Duration) -> anyho
         .context("DATABASE_URL is not a valid Postgres URL")
 }
 
+/// Whether a database error means "Postgres is unreachable or not accepting work now"
+/// (no connection, connection lost, shutting down or starting up, out of connections).
+pub fn unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+        _ => false,
+    }
+}
+
 /// Applies pending migrations, keeps the `coaching_sessions` partitions of the current month
 /// and [`PARTITION_MONTHS_AHEAD`] more (moving their rows out of the default partition), and
 /// loads the seed rubrics and knowledge base (idempotent).

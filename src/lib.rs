@@ -13,6 +13,8 @@
 //! - [`db`]: schema (`sql/migrations`), seed data and queries; [`config`]: typed settings;
 //!   [`telemetry`]: tracing and the metric names; [`rate_limit`]: fleet-wide token buckets and
 //!   budget counters in Redis.
+//! - [`schedule`]: `callcoach scheduler`, the recurring jobs of `jobs/schedule.toml` enqueued
+//!   once per cron tick (timezone- and DST-aware) through the [`queue`].
 //! - [`seed`]: `callcoach db seed`, a deterministic generator of realistic calls, reps and
 //!   coaching sessions loaded with `COPY`, for tests and benchmarks.
 //!
@@ -32,6 +34,7 @@ pub mod model;
 pub mod performance;
 pub mod queue;
 pub mod rate_limit;
+pub mod schedule;
 pub mod seed;
 pub mod stats;
 pub mod supervise;
@@ -197,10 +200,12 @@ impl App {
             pg: self.pg.clone(),
             redis: self.redis.clone(),
             queue: self.queue.clone(),
+            ledger: self.jobs.ledger.clone(),
             settings: self.settings.clone(),
             metrics: self.metrics.clone(),
             spend: self.jobs.llm.spend().clone(),
             keys: http::auth::KeyCache::new(self.settings.auth_cache),
+            schedule: None,
         })
     }
 

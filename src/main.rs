@@ -11,9 +11,10 @@ use callcoach::{
     ledger::{self, JobState},
     llm,
     model::Dimension,
+    schedule::{Schedule, Scheduler},
 };
 use clap::{Parser, Subcommand};
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -41,7 +42,17 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         lanes: Vec<Lane>,
     },
-    /// Web and worker in one process; either failing stops both with a non-zero exit.
+    /// Enqueue the recurring jobs of the schedule file at their cron ticks (any number of
+    /// schedulers may run: each tick is enqueued once).
+    Scheduler {
+        /// Schedule file (overrides SCHEDULE_FILE; default: the built-in jobs/schedule.toml).
+        #[arg(long)]
+        schedule: Option<PathBuf>,
+    },
+    /// Schedule tools.
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+    /// Web, worker and scheduler in one process; any failing stops all with a non-zero exit.
     All,
     /// Apply database migrations and load seed rubrics and knowledge base.
     Migrate,
@@ -151,6 +162,35 @@ struct SeedArgs {
 impl SeedArgs {
     fn options(&self) -> callcoach::seed::SeedOptions {
         callcoach::seed::SeedOptions::new(self.calls, self.sessions, self.reps, self.seed)
+    }
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// Each entry with its kind, cron, timezone, last run (from the job ledger) and next run.
+    List {
+        /// Schedule file (overrides SCHEDULE_FILE).
+        #[arg(long)]
+        schedule: Option<PathBuf>,
+    },
+    /// Check the schedule file and print its entries; exits non-zero naming a bad entry.
+    Check {
+        /// Schedule file (overrides SCHEDULE_FILE).
+        #[arg(long)]
+        schedule: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    /// The `--schedule` path given to a scheduler command.
+    fn schedule_path(&self) -> Option<&std::path::Path> {
+        match self {
+            Command::Scheduler { schedule }
+            | Command::Schedule(
+                ScheduleCommand::List { schedule } | ScheduleCommand::Check { schedule },
+            ) => schedule.as_deref(),
+            _ => None,
+        }
     }
 }
 
@@ -329,6 +369,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Enqueue(EnqueueCommand::Analysis { ref dimensions, .. }) => {
             callcoach::model::dimension_set(dimensions).map_err(anyhow::Error::msg)?;
         }
+        Command::Schedule(ScheduleCommand::Check {
+            schedule: Some(ref path),
+        }) => return check_schedule(&Schedule::load(Some(path))?),
+        // A bad schedule file is reported before connecting anywhere.
+        Command::Scheduler {
+            schedule: Some(ref path),
+        }
+        | Command::Schedule(ScheduleCommand::List {
+            schedule: Some(ref path),
+        }) => {
+            Schedule::load(Some(path))?;
+        }
         _ => {}
     }
     let mut settings = Settings::from_env()?;
@@ -339,6 +391,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     {
         settings.worker_concurrency = usize::from(n);
     }
+    let schedule_file = cli
+        .command
+        .schedule_path()
+        .or(settings.schedule_file.as_deref())
+        .map(std::path::Path::to_path_buf);
+    let load_schedule = || Schedule::load(schedule_file.as_deref());
     let app = App::build(settings)?;
     match cli.command {
         Command::Web => {
@@ -347,16 +405,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker { lanes, .. } => {
             let shutdown = shutdown_on_signal();
-            callcoach::telemetry::spawn_metrics_listener(
-                app.settings.metrics_addr,
-                app.metrics.clone(),
-                shutdown.clone(),
-            )
-            .await
-            .context("binding METRICS_ADDR")?;
+            serve_metrics(&app, app.settings.metrics_addr, "METRICS_ADDR", &shutdown).await?;
             app.run_worker(&lanes, shutdown).await
         }
-        Command::All => run_all(&app).await,
+        Command::Scheduler { .. } => {
+            let schedule = load_schedule()?;
+            let shutdown = shutdown_on_signal();
+            let addr = app.settings.scheduler_metrics_addr;
+            serve_metrics(&app, addr, "SCHEDULER_METRICS_ADDR", &shutdown).await?;
+            Scheduler::for_app(&app, schedule).run(shutdown).await
+        }
+        Command::Schedule(ScheduleCommand::Check { .. }) => check_schedule(&load_schedule()?),
+        Command::Schedule(ScheduleCommand::List { .. }) => {
+            let schedule = load_schedule()?;
+            let rows = callcoach::schedule::list(&app.pg, &schedule, chrono::Utc::now())
+                .await
+                .context("reading last runs from the job ledger")?;
+            print!("{}", callcoach::schedule::table(&schedule, &rows));
+            Ok(())
+        }
+        Command::All => run_all(&app, load_schedule()?).await,
         Command::Migrate => {
             db::migrate(&app.pg).await?;
             println!("migrations applied, seed data loaded");
@@ -572,33 +640,59 @@ async fn run_jobs_command(app: &App, cmd: JobsCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Web and worker in one process: the first role to stop (with an error, or unexpectedly)
-/// stops the other, and an error makes the exit status non-zero.
-async fn run_all(app: &App) -> anyhow::Result<()> {
+/// The standalone `/metrics` listener of a role without the web front, on `addr` (set by
+/// the variable `var`) until `shutdown`.
+async fn serve_metrics(
+    app: &App,
+    addr: Option<std::net::SocketAddr>,
+    var: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    callcoach::telemetry::spawn_metrics_listener(addr, app.metrics.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("binding {var}"))
+}
+
+/// `callcoach schedule check`: the entries of a valid schedule.
+fn check_schedule(schedule: &Schedule) -> anyhow::Result<()> {
+    println!(
+        "schedule {} is valid: timezone {}, {} entries ({} enabled)",
+        schedule.origin,
+        schedule.timezone,
+        schedule.entries.len(),
+        schedule.enabled().count()
+    );
+    Ok(())
+}
+
+/// Web, worker and scheduler in one process: the first role to stop (with an error, or
+/// unexpectedly) stops the others, and an error makes the exit status non-zero.
+async fn run_all(app: &App, schedule: Schedule) -> anyhow::Result<()> {
+    use futures::FutureExt;
     let token = shutdown_on_signal();
     let listener = bind(&app.settings.bind_addr).await?;
-    let web = app.serve(listener, token.clone());
-    let worker = app.run_worker(&[], token.clone());
-    tokio::pin!(web, worker);
-    let (first, role) = tokio::select! {
-        r = &mut web => (r, "web"),
-        r = &mut worker => (r, "worker"),
-    };
+    let roles = [
+        ("web", app.serve(listener, token.clone()).boxed()),
+        ("worker", app.run_worker(&[], token.clone()).boxed()),
+        (
+            "scheduler",
+            Scheduler::for_app(app, schedule).run(token.clone()).boxed(),
+        ),
+    ];
+    let (names, futures): (Vec<_>, Vec<_>) = roles.into_iter().unzip();
+    let (first, index, rest) = futures::future::select_all(futures).await;
+    let role = names[index];
     let unexpected = !token.is_cancelled();
     if unexpected {
         tracing::error!(role, "role stopped; stopping the process");
         token.cancel();
     }
-    let second = if role == "web" {
-        worker.await
-    } else {
-        web.await
-    };
+    let others = futures::future::join_all(rest).await;
     first.with_context(|| format!("{role} role failed"))?;
     if unexpected {
         anyhow::bail!("{role} role stopped unexpectedly");
     }
-    second
+    others.into_iter().collect()
 }
 
 async fn bind(addr: &str) -> anyhow::Result<tokio::net::TcpListener> {

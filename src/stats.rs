@@ -251,7 +251,8 @@ async fn analysis_jobs(pg: &PgPool, days: i32) -> sqlx::Result<(i64, i64)> {
     .await
 }
 
-fn percent(part: i64, whole: i64) -> f64 {
+/// `part` as a percentage of `whole`, two decimals (0 when `whole` is 0).
+pub fn percent(part: i64, whole: i64) -> f64 {
     if whole > 0 {
         round2(part as f64 * 100.0 / whole as f64)
     } else {

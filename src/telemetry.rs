@@ -41,6 +41,9 @@ pub mod names {
     pub const LEDGER_PRUNED: &str = "callcoach_ledger_pruned_total";
     /// Grouped ledger write rounds.
     pub const LEDGER_BATCHES: &str = "callcoach_ledger_batches_total";
+    /// Scheduler ticks due, labelled `entry` and `outcome` (enqueued: this scheduler created
+    /// the job; already_enqueued: another scheduler had; failed: retried at the next heartbeat).
+    pub const SCHEDULE_TICKS: &str = "callcoach_schedule_ticks_total";
     /// Supervised background tasks restarted after a panic, labelled `task`.
     pub const TASK_RESTARTS: &str = "callcoach_task_restarts_total";
     /// LLM requests, labelled `outcome`.
@@ -163,6 +166,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Finished ledger rows deleted past the retention.",
     ),
     (names::LEDGER_BATCHES, "Grouped ledger write rounds."),
+    (
+        names::SCHEDULE_TICKS,
+        "Scheduler ticks due, labelled entry and outcome (enqueued: this scheduler created the job; already_enqueued: another scheduler had; failed: retried at the next heartbeat).",
+    ),
     (
         names::TASK_RESTARTS,
         "Supervised background tasks restarted after a panic, labelled task.",

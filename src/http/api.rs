@@ -263,7 +263,9 @@ pub async fn get_job(
     _principal: Principal,
     ApiPath(id): ApiPath<Uuid>,
 ) -> Result<Json<ledger::JobRow>, ApiError> {
-    ledger::job(&state.pg, id)
+    state
+        .ledger
+        .job(id)
         .await?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("job {id} does not exist")))

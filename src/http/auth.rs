@@ -3,6 +3,9 @@
 //! on every non-health route. Lookups are cached in memory for `AUTH_CACHE_MS` ([`KeyCache`]),
 //! so a request costs no database round trip; each lookup that does reach the database also
 //! records the key's `last_used_at`, at most once per key per cache period and process.
+//! `GET /docs` and `GET /openapi.json` also accept the dashboard's session cookie
+//! ([`SESSION_COOKIE`]); the dashboard's own routes authenticate with it in
+//! [`super::dashboard`].
 
 use super::{ApiError, AppState};
 use crate::model::sha256_hex;
@@ -114,6 +117,14 @@ impl Principal {
     }
 }
 
+/// The dashboard's session cookie: it holds the API key itself (see [`super::dashboard`]).
+pub const SESSION_COOKIE: &str = "callcoach_session";
+
+/// Read-only routes that also accept the [`SESSION_COOKIE`] instead of a bearer header, so a
+/// browser logged in to the dashboard can follow its link to the docs. Only `GET`s: a request
+/// another site makes a browser send (with the cookie) can change nothing.
+const COOKIE_READ_ROUTES: &[&str] = &["/docs", "/openapi.json"];
+
 impl FromRequestParts<AppState> for Principal {
     type Rejection = ApiError;
 
@@ -122,10 +133,14 @@ impl FromRequestParts<AppState> for Principal {
         if let Some(principal) = parts.extensions.get::<Principal>() {
             return Ok(principal.clone());
         }
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))?;
+        let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            if let Some(key) = session_key(&parts.headers).filter(|_| accepts_cookie(parts)) {
+                return authenticate(state, key).await;
+            }
+            return Err(ApiError::unauthorized(
+                "missing Authorization: Bearer <api key>",
+            ));
+        };
         let key = header
             .to_str()
             .ok()
@@ -133,16 +148,45 @@ impl FromRequestParts<AppState> for Principal {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be 'Bearer <api key>'"))?;
-        let hash = sha256_hex(key);
-        if let Some(principal) = state.keys.get(&hash) {
-            return Ok(principal);
-        }
-        let principal = lookup(&state.pg, &hash)
-            .await?
-            .ok_or_else(|| ApiError::unauthorized("invalid or revoked API key"))?;
-        state.keys.put(hash, principal.clone());
-        Ok(principal)
+        authenticate(state, key).await
     }
+}
+
+/// Whether this request may authenticate with the session cookie.
+fn accepts_cookie(parts: &Parts) -> bool {
+    let route = parts
+        .extensions
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str());
+    parts.method == axum::http::Method::GET
+        && route.is_some_and(|route| COOKIE_READ_ROUTES.contains(&route))
+}
+
+/// The API key in the request's [`SESSION_COOKIE`], if any.
+pub fn session_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.trim())
+        .filter(|value| !value.is_empty())
+}
+
+/// The principal of an API key (401 when it is unknown or revoked), from the cache or the
+/// database.
+pub async fn authenticate(state: &AppState, key: &str) -> Result<Principal, ApiError> {
+    let hash = sha256_hex(key);
+    if let Some(principal) = state.keys.get(&hash) {
+        return Ok(principal);
+    }
+    let principal = lookup(&state.pg, &hash)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("invalid or revoked API key"))?;
+    state.keys.put(hash, principal.clone());
+    Ok(principal)
 }
 
 /// The unrevoked key with this hash, recording that it was used.

@@ -427,6 +427,11 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
+    /// The app these limits authenticate against.
+    pub fn app(&self) -> &AppState {
+        &self.app
+    }
+
     /// The limits configured in `app`'s settings, on a Redis connection of their own (the
     /// app's shared one if that cannot be opened).
     pub fn new(app: &AppState) -> Self {
@@ -446,51 +451,65 @@ impl RateLimits {
     }
 }
 
+/// The class of a request to a limited route, when limits are on.
+fn limited_class(limits: &RateLimits, request: &Request) -> Option<RouteClass> {
+    limits.limiter.as_ref()?;
+    let path = request.extensions().get::<MatchedPath>()?;
+    RouteClass::classify(request.method(), path.as_str())
+}
+
 /// The middleware (`route_layer`, so the matched route is known): authenticates, charges the
 /// principal's bucket for the route's class, answers 429 when it is empty, and adds the
 /// headers to every response of a limited route.
 pub async fn enforce(State(limits): State<RateLimits>, request: Request, next: Next) -> Response {
-    let Some(limiter) = &limits.limiter else {
+    if limited_class(&limits, &request).is_none() {
         return next.run(request).await;
-    };
-    let class = request
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|path| RouteClass::classify(request.method(), path.as_str()));
-    let Some(class) = class else {
-        return next.run(request).await;
-    };
+    }
     let (mut parts, body) = request.into_parts();
     let principal = match Principal::from_request_parts(&mut parts, &limits.app).await {
         Ok(principal) => principal,
         Err(rejection) => return rejection.into_response(),
     };
-    let verdict = limiter.check(principal.key_id, class).await;
-    let decision = match (verdict.failed_open(), verdict.allowed) {
-        (true, _) => "fail_open",
-        (false, true) => "allowed",
-        (false, false) => "denied",
-    };
-    metrics::counter!(names::HTTP_RATE_LIMIT_DECISIONS, "class" => class.name(), "decision" => decision)
-        .increment(1);
-    if verdict.failed_open() {
-        metrics::counter!(names::HTTP_RATE_LIMIT_FAILED_OPEN, "class" => class.name()).increment(1);
+    limits
+        .admit(principal, Request::from_parts(parts, body), next)
+        .await
+}
+
+impl RateLimits {
+    /// Charges the bucket of an authenticated `principal` for the request's class: 429 when it
+    /// is empty, else the request runs with the principal in its extensions. The rate-limit
+    /// headers go on the response. Used by [`enforce`] and by the dashboard, whose principal
+    /// comes from its session cookie.
+    pub async fn admit(&self, principal: Principal, request: Request, next: Next) -> Response {
+        let (Some(limiter), Some(class)) = (&self.limiter, limited_class(self, &request)) else {
+            let mut request = request;
+            request.extensions_mut().insert(principal);
+            return next.run(request).await;
+        };
+        let (mut parts, body) = request.into_parts();
+        let verdict = limiter.check(principal.key_id, class).await;
+        let decision = match (verdict.failed_open(), verdict.allowed) {
+            (true, _) => "fail_open",
+            (false, true) => "allowed",
+            (false, false) => "denied",
+        };
+        metrics::counter!(names::HTTP_RATE_LIMIT_DECISIONS, "class" => class.name(), "decision" => decision)
+            .increment(1);
+        if verdict.failed_open() {
+            metrics::counter!(names::HTTP_RATE_LIMIT_FAILED_OPEN, "class" => class.name())
+                .increment(1);
+        }
+        let mut response = if verdict.allowed {
+            parts.extensions.insert(principal);
+            next.run(Request::from_parts(parts, body)).await
+        } else {
+            metrics::counter!(names::HTTP_RATE_LIMITED, "class" => class.name()).increment(1);
+            drain(&parts.headers, body, self.app.settings.http_max_body_bytes).await;
+            refusal(&verdict).into_response()
+        };
+        limiter.write_headers(&verdict, response.headers_mut());
+        response
     }
-    let mut response = if verdict.allowed {
-        parts.extensions.insert(principal);
-        next.run(Request::from_parts(parts, body)).await
-    } else {
-        metrics::counter!(names::HTTP_RATE_LIMITED, "class" => class.name()).increment(1);
-        drain(
-            &parts.headers,
-            body,
-            limits.app.settings.http_max_body_bytes,
-        )
-        .await;
-        refusal(&verdict).into_response()
-    };
-    limiter.write_headers(&verdict, response.headers_mut());
-    response
 }
 
 /// The 429 of a refused request.

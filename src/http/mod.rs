@@ -4,6 +4,8 @@
 pub mod api;
 pub mod auth;
 pub mod compression;
+pub mod dashboard;
+pub mod html;
 pub mod idempotency;
 pub mod limits;
 pub mod openapi;
@@ -44,6 +46,8 @@ pub struct AppState {
     pub redis: ConnectionManager,
     /// Producer handle.
     pub queue: Queue,
+    /// Grouped ledger reads (`GET /v1/jobs/{id}`).
+    pub ledger: crate::ledger::Ledger,
     /// Settings.
     pub settings: Arc<Settings>,
     /// Prometheus renderer for `/metrics`.
@@ -52,6 +56,9 @@ pub struct AppState {
     pub spend: crate::llm::limits::SpendGuard,
     /// Authenticated API keys, cached for `AUTH_CACHE_MS`.
     pub keys: auth::KeyCache,
+    /// What the dashboard's schedule panel lists; `None` shows "scheduler not configured".
+    /// The scheduler provides an implementation of [`dashboard::ScheduleSource`].
+    pub schedule: Option<Arc<dyn dashboard::ScheduleSource>>,
 }
 
 /// Builds the router with every route and layer. Each handler is registered with its OpenAPI
@@ -59,6 +66,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.settings.http_max_body_bytes;
     let limits = limits::RateLimits::new(&state);
+    let dashboard = dashboard::router(state.clone(), limits.clone());
     let idempotent = || from_fn_with_state(state.clone(), idempotency::idempotent);
     let (router, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(api::healthz))
@@ -83,6 +91,8 @@ pub fn router(state: AppState) -> Router {
         .split_for_parts();
     openapi::describe_common_errors(&mut doc);
     router
+        // Browser pages, not JSON API: kept out of the OpenAPI document.
+        .merge(dashboard)
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::Extension(openapi::Document::new(&doc)))
@@ -187,25 +197,19 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Whether a database error means "Postgres is unreachable or not accepting work now"
-/// (no connection, connection lost, shutting down or starting up, out of connections).
-pub fn database_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
-        _ => false,
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        if crate::db::unavailable(&e) {
+            tracing::warn!(error = %e, "database unavailable");
+            return ApiError::unavailable("database unavailable, retry later");
+        }
+        ApiError::internal(e)
     }
 }
 
-impl From<sqlx::Error> for ApiError {
-    fn from(e: sqlx::Error) -> Self {
-        if database_unavailable(&e) {
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        if e.unavailable() {
             tracing::warn!(error = %e, "database unavailable");
             return ApiError::unavailable("database unavailable, retry later");
         }

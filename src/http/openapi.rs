@@ -8,6 +8,7 @@
 use super::{
     ApiError,
     auth::{Principal, Scope},
+    html::escape,
 };
 use axum::{
     Extension,
@@ -328,12 +329,4 @@ fn parameter_place(place: &openapi::path::ParameterIn) -> &'static str {
         ParameterIn::Header => "header",
         ParameterIn::Cookie => "cookie",
     }
-}
-
-/// Minimal HTML escaping for text and attribute values.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }

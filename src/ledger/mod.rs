@@ -199,17 +199,35 @@ pub async fn mark_undelivered(pg: &PgPool, ids: &[Uuid]) -> sqlx::Result<()> {
 /// Replays a failed or cancelled job (the dead-letter queue): a fresh attempt budget and a new
 /// delivery, which the relay pushes. Returns false if the job is in another state.
 pub async fn retry(pg: &PgPool, id: Uuid) -> sqlx::Result<bool> {
+    Ok(retry_many(pg, &[id], &REPLAYABLE).await? == 1)
+}
+
+/// Replays the failed jobs (the dead-letter list without the jobs an operator cancelled), at
+/// most `limit`, oldest failure first, as [`retry`] does one. Returns how many were replayed.
+pub async fn replay_failed(pg: &PgPool, limit: i64) -> sqlx::Result<u64> {
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM jobs WHERE status = $1 ORDER BY finished_at LIMIT $2")
+            .bind(JobState::Failed.as_str())
+            .bind(limit)
+            .fetch_all(pg)
+            .await?;
+    retry_many(pg, &ids, &[JobState::Failed]).await
+}
+
+/// Queues the jobs of `ids` that are in one of `from` again with a fresh attempt budget and a
+/// new delivery; returns how many were.
+async fn retry_many(pg: &PgPool, ids: &[Uuid], from: &[JobState]) -> sqlx::Result<u64> {
     let done = sqlx::query(
         "UPDATE jobs SET status = $2, attempts = 0, delivery = delivery + 1, delivered_at = NULL,
                 run_at = now(), finished_at = NULL, lease_expires_at = NULL, updated_at = now()
-         WHERE id = $1 AND status = ANY($3)",
+         WHERE id = ANY($1) AND status = ANY($3)",
     )
-    .bind(id)
+    .bind(ids)
     .bind(JobState::Queued.as_str())
-    .bind(names(&REPLAYABLE))
+    .bind(names(from))
     .execute(pg)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(done.rows_affected())
 }
 
 /// Cancels a job that has not started; a delivery already in Redis is skipped when it
@@ -305,11 +323,13 @@ pub struct JobRow {
     pub started_at: Option<DateTime<Utc>>,
     /// When it finished.
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the row last changed state.
+    pub updated_at: DateTime<Utc>,
 }
 
 const COLUMNS: &str =
     "id, kind, lane, status, payload, attempts, max_attempts, delivery, last_error, result,
-     enqueued_at, delivered_at, started_at, finished_at";
+     enqueued_at, delivered_at, started_at, finished_at, updated_at";
 
 /// Reads one ledger row.
 pub async fn job(pg: &PgPool, id: Uuid) -> sqlx::Result<Option<JobRow>> {
@@ -388,6 +408,7 @@ fn job_row(r: sqlx::postgres::PgRow) -> sqlx::Result<JobRow> {
         delivered_at: r.try_get("delivered_at")?,
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,
+        updated_at: r.try_get("updated_at")?,
     })
 }
 

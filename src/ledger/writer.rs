@@ -1,11 +1,14 @@
-//! Grouped ledger writes for the hot path of every job: claiming a delivery and recording how
-//! its run ended. Callers send a request and await its reply; one writer task takes every
-//! request that is waiting and runs one `UPDATE … FROM unnest(…)` per kind of request. Under
+//! Grouped ledger statements for the hot paths: claiming a delivery, recording how its run
+//! ended, and reading a job's row (`GET /v1/jobs/{id}`, which clients poll). Callers send a
+//! request and await its reply; one task per kind of request takes every request that is
+//! waiting and runs one statement for all of them (`UPDATE … FROM unnest(…)`, or
+//! `SELECT … WHERE id = ANY(…)` for reads). Under
 //! light load a request runs alone (no added latency); under heavy load hundreds share one
 //! statement. A reply is sent only after its statement committed, so a state is durable
 //! before a job is acknowledged.
 //!
-//! Claims and outcomes have a writer task each, so neither waits for the other's commit.
+//! Claims, outcomes and reads have a task each, so none waits for another's statement. A read
+//! sees every write committed before its statement starts, as a lone `SELECT` would.
 //! Claims commit with `synchronous_commit = off`: a claim lost in a Postgres crash only
 //! returns its row to `queued`, and the run's outcome is then refused by the guard (the row
 //! is not running) and the delivery re-issued, so nothing is lost or applied twice. Outcomes
@@ -14,7 +17,7 @@
 //! The writer tasks are supervised: if one ever panics, it is logged and restarted on the
 //! same request channel, so callers never see a silently stopped writer.
 
-use super::{CLAIMABLE, JobState, names};
+use super::{CLAIMABLE, COLUMNS, JobRow, JobState, job_row, names};
 use crate::{delivery::Lane, supervise, telemetry::names as metric};
 use serde_json::Value;
 use sqlx::{PgPool, Row};
@@ -64,7 +67,7 @@ pub enum Outcome {
     },
 }
 
-type Reply<T> = oneshot::Sender<Result<T, String>>;
+type Reply<T> = oneshot::Sender<Result<T, LedgerError>>;
 
 /// One caller's request: which delivery, what to write, where to answer.
 struct Request<P, R> {
@@ -76,17 +79,46 @@ struct Request<P, R> {
 
 type ClaimRequest = Request<(), Option<Claimed>>;
 type FinishRequest = Request<Outcome, bool>;
+type ReadRequest = Request<(), Option<JobRow>>;
 
-/// Why a grouped write failed.
-#[derive(Debug, thiserror::Error)]
-#[error("ledger write failed: {0}")]
-pub struct LedgerError(String);
+/// Why a grouped statement failed.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("ledger statement failed: {message}")]
+pub struct LedgerError {
+    message: String,
+    unavailable: bool,
+}
 
-/// Handle to the writer tasks. Cheap to clone.
+impl LedgerError {
+    fn internal(message: &str) -> Self {
+        Self {
+            message: message.into(),
+            unavailable: false,
+        }
+    }
+
+    /// Whether Postgres was unreachable or not accepting work ([`crate::db::unavailable`]):
+    /// worth retrying later, not a fault of the request.
+    pub fn unavailable(&self) -> bool {
+        self.unavailable
+    }
+}
+
+impl From<&sqlx::Error> for LedgerError {
+    fn from(e: &sqlx::Error) -> Self {
+        Self {
+            message: e.to_string(),
+            unavailable: crate::db::unavailable(e),
+        }
+    }
+}
+
+/// Handle to the writer and reader tasks. Cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
     claims: mpsc::UnboundedSender<ClaimRequest>,
     finishes: mpsc::UnboundedSender<FinishRequest>,
+    reads: mpsc::UnboundedSender<ReadRequest>,
 }
 
 /// Settings of the claims the writer makes.
@@ -99,7 +131,7 @@ pub struct ClaimSettings {
 }
 
 impl Ledger {
-    /// Starts the (supervised) writer tasks on the current tokio runtime.
+    /// Starts the (supervised) writer and reader tasks on the current tokio runtime.
     pub fn start(pg: PgPool, settings: ClaimSettings) -> Self {
         let settings = Arc::new(settings);
         let claims = {
@@ -109,11 +141,38 @@ impl Ledger {
                 async move { write_claims(&pg, &settings, batch).await }
             })
         };
-        let finishes = spawn_writer("ledger outcome writer", move |batch| {
+        let finishes = {
             let pg = pg.clone();
-            async move { write_finishes(&pg, batch).await }
+            spawn_writer("ledger outcome writer", move |batch| {
+                let pg = pg.clone();
+                async move { write_finishes(&pg, batch).await }
+            })
+        };
+        let reads = spawn_writer("ledger reader", move |batch| {
+            let pg = pg.clone();
+            async move { read_jobs(&pg, batch).await }
         });
-        Self { claims, finishes }
+        Self {
+            claims,
+            finishes,
+            reads,
+        }
+    }
+
+    /// Reads one job's ledger row, in one statement with every other read waiting at the
+    /// same time. `None` when there is no such job.
+    pub async fn job(&self, id: Uuid) -> Result<Option<JobRow>, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        Self::send(
+            &self.reads,
+            Request {
+                id,
+                delivery: 0,
+                payload: (),
+                reply,
+            },
+        )?;
+        Self::wait(answer).await
     }
 
     /// Claims a delivery: marks the job running under a lease and counts an attempt. `None`
@@ -154,11 +213,10 @@ impl Ledger {
         Self::wait(answer).await
     }
 
-    async fn wait<T>(answer: oneshot::Receiver<Result<T, String>>) -> Result<T, LedgerError> {
+    async fn wait<T>(answer: oneshot::Receiver<Result<T, LedgerError>>) -> Result<T, LedgerError> {
         answer
             .await
-            .map_err(|_| LedgerError("the writer dropped the request".into()))?
-            .map_err(LedgerError)
+            .map_err(|_| LedgerError::internal("the writer dropped the request"))?
     }
 
     fn send<P, R>(
@@ -166,7 +224,7 @@ impl Ledger {
         request: Request<P, R>,
     ) -> Result<(), LedgerError> {
         to.send(request)
-            .map_err(|_| LedgerError("the writer is not running".into()))
+            .map_err(|_| LedgerError::internal("the writer is not running"))
     }
 }
 
@@ -236,7 +294,36 @@ async fn write_claims(pg: &PgPool, settings: &ClaimSettings, requests: Vec<Claim
         }
         Err(e) => {
             for r in requests {
-                let _ = r.reply.send(Err(e.to_string()));
+                let _ = r.reply.send(Err(LedgerError::from(&e)));
+            }
+        }
+    }
+}
+
+/// Answers every waiting read with one `SELECT … WHERE id = ANY(…)` (primary-key lookups).
+async fn read_jobs(pg: &PgPool, requests: Vec<ReadRequest>) {
+    let ids: Vec<Uuid> = requests.iter().map(|r| r.id).collect();
+    let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = ANY($1)");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&ids)
+        .fetch_all(pg)
+        .await
+        .and_then(|rows| {
+            rows.into_iter()
+                .map(job_row)
+                .collect::<sqlx::Result<Vec<_>>>()
+        });
+    match rows {
+        Ok(rows) => {
+            let by_id: HashMap<Uuid, JobRow> = rows.into_iter().map(|r| (r.id, r)).collect();
+            for r in requests {
+                let _ = r.reply.send(Ok(by_id.get(&r.id).cloned()));
+            }
+        }
+        Err(e) => {
+            let error = LedgerError::from(&e);
+            for r in requests {
+                let _ = r.reply.send(Err(error.clone()));
             }
         }
     }
@@ -367,7 +454,7 @@ async fn write_finishes(pg: &PgPool, requests: Vec<FinishRequest>) {
         }
         Err(e) => {
             for reply in replies {
-                let _ = reply.send(Err(e.to_string()));
+                let _ = reply.send(Err(LedgerError::from(&e)));
             }
         }
     }

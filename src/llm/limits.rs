@@ -552,15 +552,36 @@ impl SpendGuard {
     /// [`SpendGuard::check`] as at `now` (which windows are current).
     pub async fn check_at(&self, now: DateTime<Utc>) -> Result<(), OverBudget> {
         let windows = self.windows(now);
-        let counters: Vec<Counter> = windows.iter().map(|w| w.counter.clone()).collect();
-        let read = self.limiter.read_counters(&counters).await;
-        let totals = self.tally(&windows, read, |_, _| {});
+        let totals = self.read_totals(&windows).await;
         windows
             .iter()
             .zip(totals)
             .filter_map(|(w, spent)| self.over(w, spent))
             .max_by_key(|over| over.resets_at)
             .map_or(Ok(()), Err)
+    }
+
+    /// The budgets this guard enforces.
+    pub fn budgets(&self) -> SpendBudgets {
+        self.budgets
+    }
+
+    /// The fleet's spend in the current windows as Redis counts it (plus this process's
+    /// unsent spend), without charging anything; for the dashboard.
+    pub async fn spent(&self) -> SpendTotals {
+        let windows = self.windows(Utc::now());
+        let totals = self.read_totals(&windows).await;
+        SpendTotals {
+            day_usd: usd_of(totals[0]),
+            month_usd: usd_of(totals[1]),
+        }
+    }
+
+    /// Each window's total in micro-dollars, read without charging.
+    async fn read_totals(&self, windows: &[WindowAt]) -> Vec<i64> {
+        let counters: Vec<Counter> = windows.iter().map(|w| w.counter.clone()).collect();
+        let read = self.limiter.read_counters(&counters).await;
+        self.tally(windows, read, |_, _| {})
     }
 
     /// After a call: adds its real cost to both windows.

@@ -465,3 +465,39 @@ async fn perform_reports_a_stale_delivery_as_skipped() {
         RunLabel::Skipped
     );
 }
+
+#[tokio::test]
+async fn grouped_job_reads_answer_each_caller_with_its_own_row() {
+    let app = spawn_app().await;
+    let mut expected = Vec::new();
+    for i in 0..200 {
+        // Every third id has no row; the rest differ in state and attempts.
+        let id = if i % 3 == 0 {
+            Uuid::now_v7()
+        } else {
+            row(&app, JobState::Queued, 0, i % 4, 4).await
+        };
+        expected.push((id, i % 3 != 0, i % 4));
+    }
+    let ledger = &app.app.jobs.ledger;
+    // Every read is sent at once, so the reader answers them in shared statements.
+    let answers = futures::future::join_all(expected.iter().map(|(id, ..)| ledger.job(*id))).await;
+    for ((id, exists, attempts), answer) in expected.iter().zip(answers) {
+        match answer.unwrap() {
+            Some(job) => {
+                assert!(exists, "a row was returned for {id}, which has none");
+                assert_eq!(job.id, *id);
+                assert_eq!(job.attempts, *attempts);
+            }
+            None => assert!(!exists, "no row returned for {id}"),
+        }
+    }
+    // A read sees a write committed before it.
+    let (id, ..) = expected[1];
+    sqlx::query("UPDATE jobs SET attempts = 3 WHERE id = $1")
+        .bind(id)
+        .execute(&app.app.pg)
+        .await
+        .unwrap();
+    assert_eq!(ledger.job(id).await.unwrap().unwrap().attempts, 3);
+}

@@ -1,7 +1,7 @@
 //! The `Procfile` under honcho (`CALLCOACH_HONCHO`, installed into `.dev/sdk-venv` by
 //! `deploy/dev.sh test`): its processes run against the test's Redis, Postgres and LLM
 //! emulator, an analysis goes through the honcho-run web front and worker, and SIGTERM stops
-//! every process cleanly. A missing honcho fails the test.
+//! every process cleanly (exit code 0). A missing honcho fails the test.
 
 use crate::helpers::{sample_call, spawn_app};
 use std::path::{Path, PathBuf};
@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The Procfile processes the test runs.
-const PROCESSES: &[&str] = &["web", "worker"];
+const PROCESSES: &[&str] = &["web", "worker", "scheduler"];
 
 fn honcho() -> PathBuf {
     std::env::var_os("CALLCOACH_HONCHO")
@@ -82,6 +82,7 @@ async fn honcho_runs_the_procfile_and_stops_it_cleanly() {
         .env("BIND_ADDR", &bind)
         .env("PUBLIC_URL", &base)
         .env("METRICS_ADDR", &metrics)
+        .env("SCHEDULER_METRICS_ADDR", free_addr())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
