@@ -6,8 +6,9 @@
 #
 #   deploy/dev.sh demo          build release, start services, run `callcoach demo`, stop
 #   deploy/dev.sh test [ARGS]   start services, `cargo nextest run --workspace --no-fail-fast [ARGS]`, stop
-#                               (also creates .dev/sdk-venv with the anthropic Python SDK, schemathesis
-#                               and websocket-client, and installs Debian's chromium)
+#                               (also creates .dev/sdk-venv with the anthropic Python SDK, schemathesis,
+#                               websocket-client and honcho, installs Debian's chromium, and makes a
+#                               self-signed CA + server certificate in .dev/tls)
 #   deploy/dev.sh up            start services and print `export` lines (eval "$(deploy/dev.sh up)")
 #   deploy/dev.sh down          stop the services
 #   deploy/dev.sh env           print the `export` lines
@@ -30,6 +31,8 @@ SDK_VENV="$DEV_DIR/sdk-venv"
 SDK_SPEC='anthropic>=2,<3'
 SCHEMATHESIS_SPEC='schemathesis>=4.3,<5'
 WEBSOCKET_SPEC='websocket-client>=1.8,<2'
+HONCHO_SPEC='honcho>=2,<3'
+TLS_DIR="$DEV_DIR/tls"
 PG_PORT="${CALLCOACH_DEV_PG_PORT:-55432}"
 REDIS_PORT="${CALLCOACH_DEV_REDIS_PORT:-56379}"
 PG_OS_USER=callcoach
@@ -137,20 +140,45 @@ ensure_postgres() {
 }
 
 # The official anthropic Python SDK (tests/integration/sdk.rs), schemathesis
-# (tests/integration/openapi.rs) and websocket-client (the DevTools driver of
-# tests/integration/dashboard.rs) in $SDK_VENV. Reused when it already has all three.
+# (tests/integration/openapi.rs), websocket-client (the DevTools driver of
+# tests/integration/dashboard.rs) and honcho (tests/integration/procfile.rs) in
+# $SDK_VENV. Reused when it already has all four.
 ensure_sdk_venv() {
   local py="$SDK_VENV/bin/python"
-  if [[ -x $py && -x $SDK_VENV/bin/schemathesis ]] && "$py" -c 'import anthropic, websocket, sys; sys.exit(anthropic.__version__.split(".")[0] != "2")' 2>/dev/null; then
+  if [[ -x $py && -x $SDK_VENV/bin/schemathesis && -x $SDK_VENV/bin/honcho ]] && "$py" -c 'import anthropic, websocket, sys; sys.exit(anthropic.__version__.split(".")[0] != "2")' 2>/dev/null; then
     return 0
   fi
   command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_install python3-venv
   mkdir -p "$DEV_DIR"
-  log "creating $SDK_VENV with $SDK_SPEC $SCHEMATHESIS_SPEC $WEBSOCKET_SPEC (output in .dev/sdk-venv.log)"
-  { python3 -m venv --clear "$SDK_VENV" && "$SDK_VENV/bin/pip" install -q "$SDK_SPEC" "$SCHEMATHESIS_SPEC" "$WEBSOCKET_SPEC"; } >"$DEV_DIR/sdk-venv.log" 2>&1 || {
+  log "creating $SDK_VENV with $SDK_SPEC $SCHEMATHESIS_SPEC $WEBSOCKET_SPEC $HONCHO_SPEC (output in .dev/sdk-venv.log)"
+  { python3 -m venv --clear "$SDK_VENV" && "$SDK_VENV/bin/pip" install -q "$SDK_SPEC" "$SCHEMATHESIS_SPEC" "$WEBSOCKET_SPEC" "$HONCHO_SPEC"; } >"$DEV_DIR/sdk-venv.log" 2>&1 || {
     tail -n 20 "$DEV_DIR/sdk-venv.log" >&2
-    die "could not install the anthropic SDK (full log: $DEV_DIR/sdk-venv.log)"
+    die "could not install the Python test tools (full log: $DEV_DIR/sdk-venv.log)"
+  }
+}
+
+# A self-signed CA and a server certificate for 127.0.0.1/localhost signed by it, for
+# the Redis-over-TLS test (tests/integration/tls.rs). Made once, reused while valid.
+ensure_tls_certs() {
+  command -v openssl >/dev/null 2>&1 || apt_install openssl
+  if [[ -s $TLS_DIR/server.crt ]] && openssl x509 -checkend 86400 -noout -in "$TLS_DIR/server.crt" >/dev/null 2>&1; then
+    return 0
+  fi
+  mkdir -p "$TLS_DIR"
+  log "making a test CA and server certificate in $TLS_DIR"
+  (
+    cd "$TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj '/CN=callcoach dev CA' \
+      -keyout ca.key -out ca.crt &&
+      openssl req -newkey rsa:2048 -nodes -subj '/CN=localhost' -keyout server.key -out server.csr &&
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' >server.ext &&
+      openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 825 \
+        -extfile server.ext -out server.crt &&
+      chmod 644 server.key
+  ) >"$DEV_DIR/tls.log" 2>&1 || {
+    tail -n 20 "$DEV_DIR/tls.log" >&2
+    die "openssl could not make the test certificates (full log: $DEV_DIR/tls.log)"
   }
 }
 
@@ -522,11 +550,18 @@ cmd_test() {
   ensure_sdk_venv
   ensure_promtool
   ensure_chromium
+  ensure_tls_certs
   start_services
   export_env warn
   # The SDK test fails (rather than skips) when this Python cannot import the SDK.
   export CALLCOACH_SDK_PYTHON="$SDK_VENV/bin/python"
   export CALLCOACH_SCHEMATHESIS="$SDK_VENV/bin/schemathesis"
+  # The Procfile test fails (rather than skips) without honcho.
+  export CALLCOACH_HONCHO="$SDK_VENV/bin/honcho"
+  # The Redis-over-TLS test starts its own redis-server (REDIS_SERVER_BIN) with these.
+  export CALLCOACH_TLS_CA_FILE="$TLS_DIR/ca.crt"
+  export CALLCOACH_TLS_CERT_FILE="$TLS_DIR/server.crt"
+  export CALLCOACH_TLS_KEY_FILE="$TLS_DIR/server.key"
   # The metrics tests fail (rather than skip) without this promtool.
   export CALLCOACH_PROMTOOL="$(command -v promtool)"
   # The dashboard's browser test fails (rather than skips) without this chromium.

@@ -57,6 +57,9 @@ pub struct Settings {
     pub database_max_connections: u32,
     /// Redis URL (`REDIS_URL`, or assembled from `REDIS_HOST/PORT/DB/PASSWORD`).
     pub redis_url: Secret,
+    /// CA certificate(s) a `rediss://` server's certificate must chain to
+    /// (`REDIS_TLS_CA_FILE`, PEM; default the system's trust store).
+    pub redis_tls_ca: Option<TlsCa>,
     /// Redis connection budget (`REDIS_MAX_CONNECTIONS`, default 50).
     pub redis_max_connections: usize,
     /// Whether analyses are served from the cache tiers (`ENABLE_CACHING`, default true).
@@ -173,6 +176,9 @@ pub struct Settings {
     /// A delivered job not started this long after its due time is checked against Redis and
     /// re-issued if Redis lost it (`REDELIVER_AFTER_SECS`, default 30).
     pub redeliver_after: Duration,
+    /// How often the web role samples the stats report into the `/metrics` gauges
+    /// (`STATS_SAMPLE_SECS`, default 30).
+    pub stats_sample: Duration,
     /// HTTP rate limits per API key and route class (`RATE_LIMIT_*`, see
     /// [`crate::http::limits`]).
     pub http_rate_limits: RateLimitSettings,
@@ -217,6 +223,7 @@ impl Settings {
         let settings = Settings {
             database_url: Secret::new(database_url),
             database_max_connections: positive(get, "DATABASE_MAX_CONNECTIONS", 20)?,
+            redis_tls_ca: redis_tls_ca(get)?,
             redis_url: Secret::new(redis_url(get)?),
             redis_max_connections: positive(get, "REDIS_MAX_CONNECTIONS", 50)?,
             enable_caching: parse_bool(get, "ENABLE_CACHING", true)?,
@@ -303,6 +310,7 @@ impl Settings {
             llm_fan_out_wait: Duration::from_secs(parse(get, "LLM_FAN_OUT_WAIT_SECS", 30)?),
             llm_batch_mode: parse_bool(get, "LLM_BATCH_MODE", true)?,
             batch_poll: Duration::from_secs(positive(get, "BATCH_POLL_SECS", 60)?),
+            stats_sample: Duration::from_secs(positive(get, "STATS_SAMPLE_SECS", 30)?),
             http_rate_limits: http_rate_limits(get)?,
             dashboard_cookie_secure: parse_bool(get, "DASHBOARD_COOKIE_SECURE", false)?,
         };
@@ -478,6 +486,42 @@ fn claude_model(get: &Env<'_>) -> Result<String, ConfigError> {
 /// The model used unless `CLAUDE_MODEL` says otherwise: the current Sonnet.
 pub const DEFAULT_MODEL: &str = "claude-sonnet-5-5";
 
+/// PEM certificates read from a file at start-up.
+#[derive(Clone)]
+pub struct TlsCa {
+    /// Where they were read from.
+    pub path: std::path::PathBuf,
+    /// The file's content.
+    pub pem: std::sync::Arc<[u8]>,
+}
+
+impl fmt::Debug for TlsCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsCa({})", self.path.display())
+    }
+}
+
+/// `REDIS_TLS_CA_FILE`: a readable PEM file with at least one certificate, and only with a
+/// `rediss://` URL (a plain connection would silently ignore it).
+fn redis_tls_ca(get: &Env<'_>) -> Result<Option<TlsCa>, ConfigError> {
+    const VAR: &str = "REDIS_TLS_CA_FILE";
+    let Some(path) = get.get(VAR) else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(VAR, format!("cannot read {path:?}: {e}")))?;
+    let marker = b"-----BEGIN CERTIFICATE-----";
+    if !pem.windows(marker.len()).any(|w| w == marker) {
+        return Err(bad(VAR, format!("{path:?} holds no PEM certificate")));
+    }
+    if !redis_url(get)?.starts_with("rediss://") {
+        return Err(bad(VAR, "is set, but the Redis URL is not rediss://"));
+    }
+    Ok(Some(TlsCa {
+        path: path.into(),
+        pem: pem.into(),
+    }))
+}
+
 /// `REDIS_URL` wins; otherwise the URL is assembled from the spec's `REDIS_HOST/PORT/DB/PASSWORD`.
 fn redis_url(get: &Env<'_>) -> Result<String, ConfigError> {
     if let Some(url) = get.get("REDIS_URL") {
@@ -507,6 +551,32 @@ mod tests {
             .collect();
         map.extend(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         map
+    }
+
+    #[test]
+    fn redis_tls_ca_file_must_hold_a_certificate_and_go_with_rediss() {
+        let dir = std::env::temp_dir().join(format!("callcoach-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, junk) = (dir.join("ca.pem"), dir.join("junk.pem"));
+        std::fs::write(
+            &good,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let (good, junk) = (good.to_str().unwrap(), junk.to_str().unwrap());
+        let tls = ("REDIS_URL", "rediss://127.0.0.1:6380");
+        let s = Settings::from_map(&env(&[tls, ("REDIS_TLS_CA_FILE", good)])).unwrap();
+        assert!(s.redis_tls_ca.unwrap().pem.starts_with(b"-----BEGIN"));
+        for case in [
+            vec![tls, ("REDIS_TLS_CA_FILE", junk)],
+            vec![tls, ("REDIS_TLS_CA_FILE", "/nonexistent/ca.pem")],
+            vec![("REDIS_TLS_CA_FILE", good)],
+        ] {
+            let err = Settings::from_map(&env(&case)).unwrap_err();
+            assert_eq!(err.var, "REDIS_TLS_CA_FILE", "{err}");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -66,17 +66,37 @@ pub struct App {
     pub metrics: PrometheusHandle,
 }
 
+/// The Redis client every connection of the process is opened from: `REDIS_URL`
+/// (`redis://` or `rediss://`), trusting `REDIS_TLS_CA_FILE`'s CA when one is set.
+pub fn redis_client(settings: &Settings) -> anyhow::Result<redis::Client> {
+    let url = settings.redis_url.expose();
+    match &settings.redis_tls_ca {
+        None => redis::Client::open(url).context("REDIS_URL is not a valid Redis URL"),
+        Some(ca) => {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.pem.to_vec()),
+            };
+            redis::Client::build_with_tls(url, certs)
+                .with_context(|| format!("REDIS_TLS_CA_FILE {}: unusable CA", ca.path.display()))
+        }
+    }
+}
+
 /// Opens a lazy Redis connection: short connect timeout, bounded response time, and at most
 /// `max_connections` commands in flight (callers beyond that wait, within the response timeout).
-pub fn redis_connection(url: &str, max_connections: usize) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(url).context("REDIS_URL is not a valid Redis URL")?;
+pub fn redis_connection(
+    settings: &Settings,
+    max_connections: usize,
+) -> anyhow::Result<ConnectionManager> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(Some(Duration::from_secs(3)))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_millis(200))
         .set_concurrency_limit(max_connections);
-    ConnectionManager::new_lazy_with_config(client, config).context("creating Redis connection")
+    ConnectionManager::new_lazy_with_config(redis_client(settings)?, config)
+        .context("creating Redis connection")
 }
 
 /// How often web and worker processes sample gauges such as the queue depth.
@@ -96,7 +116,7 @@ pub async fn wait_for_redis(mut conn: ConnectionManager, within: Duration) {
 
 /// The guarded LLM path over its own Redis connection (limits, spend, fan-out gate).
 fn llm_gateway(settings: &Settings, client: llm::LlmClient) -> anyhow::Result<llm::Gateway> {
-    let redis = redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?;
+    let redis = redis_connection(settings, settings.redis_max_connections)?;
     let fleet = llm::limits::FleetOptions {
         processes: settings.llm_fleet_processes,
         max_wait: settings.llm_limit_max_wait,
@@ -125,7 +145,7 @@ impl App {
             settings.database_max_connections,
             settings.database_acquire_timeout,
         )?;
-        let redis = redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?;
+        let redis = redis_connection(&settings, settings.redis_max_connections)?;
         let queue = queue::Queue::new(
             pg.clone(),
             redis.clone(),
@@ -145,7 +165,7 @@ impl App {
         let llm = llm_gateway(&settings, llm)?;
         // The cache gets its own connection so queue traffic never takes its slots.
         let cache = cache::CoachingCache::new(
-            redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?,
+            redis_connection(&settings, settings.redis_max_connections)?,
             settings.redis_cache_timeout,
             pg.clone(),
             cache::CacheOptions {
@@ -201,6 +221,12 @@ impl App {
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         self.spawn_gauge_sampler(GAUGE_SAMPLE_EVERY, shutdown.clone());
+        tokio::spawn(stats::sample_gauges(
+            self.pg.clone(),
+            self.redis.clone(),
+            self.settings.stats_sample,
+            shutdown.clone(),
+        ));
         let limits = http::server::ServerLimits::from_settings(&self.settings);
         http::server::serve(listener, self.router(), limits, shutdown)
             .await

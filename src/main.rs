@@ -91,7 +91,7 @@ enum Command {
 #[derive(clap::Args)]
 struct StatsArgs {
     /// Window in days (1-3650).
-    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(i32).range(1..=3650))]
+    #[arg(long, default_value_t = callcoach::stats::DEFAULT_DAYS, value_parser = clap::value_parser!(i32).range(1..=3650))]
     days: i32,
     /// Add per-dimension figures.
     #[arg(long)]

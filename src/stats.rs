@@ -27,7 +27,10 @@ use redis::aio::ConnectionManager;
 use serde::Serialize;
 use sqlx::PgPool;
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use tokio_util::sync::CancellationToken;
 
+/// Window of `callcoach stats` unless `--days` says otherwise, and of the `/metrics` gauges.
+pub const DEFAULT_DAYS: i32 = 7;
 /// The spec's hit-rate target ("60-80 %"): below its floor the cache is degraded.
 pub const HIT_RATE_TARGET_PERCENT: f64 = 60.0;
 /// Fewest analysis runs (or jobs) a rate is judged on.
@@ -74,6 +77,9 @@ pub struct RedisStats {
     pub misses: i64,
     /// `used_memory` in MiB.
     pub memory_used_mb: f64,
+    /// `used_memory` in bytes (`/metrics` only).
+    #[serde(skip)]
+    pub memory_used_bytes: f64,
     /// Cache entries (`coaching:*` keys).
     pub keys: u64,
     /// False when counting stopped at [`MAX_SCANNED_KEYS`].
@@ -295,6 +301,7 @@ async fn redis_state(mut conn: ConnectionManager) -> RedisStats {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     stats.memory_used_mb = round2(used / (1024.0 * 1024.0));
+    stats.memory_used_bytes = used;
     let mut cursor = 0u64;
     stats.keys_exact = true;
     loop {
@@ -560,6 +567,24 @@ impl CacheStats {
         out
     }
 
+    /// Sets the `/metrics` gauges of the report: the spec's names, except that Redis memory
+    /// is in bytes (`redis_memory_used_bytes`; promtool refuses the abbreviated unit of
+    /// `redis_memory_used_mb`) and `analysis_runs_total` is left to the counter of that name.
+    pub fn record_gauges(&self) {
+        for (source, rate) in [
+            ("database", self.database.cache_hit_rate),
+            ("redis", self.redis.hit_rate),
+            ("overall", self.database.overall_hit_rate),
+        ] {
+            metrics::gauge!(names::STATS_CACHE_HIT_RATE, "source" => source).set(rate);
+        }
+        metrics::gauge!(names::STATS_REDIS_HIT_RATE).set(self.redis.hit_rate);
+        metrics::gauge!(names::STATS_REDIS_MEMORY_BYTES).set(self.redis.memory_used_bytes);
+        metrics::gauge!(names::STATS_COST_SAVINGS_USD).set(self.cost_savings.cost_savings_usd);
+        metrics::gauge!(names::STATS_TOKENS_SAVED).set(self.cost_savings.tokens_saved as f64);
+        metrics::gauge!(names::STATS_ANALYSIS_SUCCESS_RATE).set(self.analysis.success_rate);
+    }
+
     /// A table for people.
     pub fn to_table(&self) -> String {
         let mut t = String::new();
@@ -634,6 +659,24 @@ impl CacheStats {
             }
         }
         t
+    }
+}
+
+/// Every `every` (first after one period) until `shutdown`, collects the report over [`DEFAULT_DAYS`] and sets the
+/// `/metrics` gauges from it ([`CacheStats::record_gauges`]).
+pub async fn sample_gauges(
+    pg: PgPool,
+    redis: ConnectionManager,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    // The first sample waits one period: start-up has enough to do.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while shutdown.run_until_cancelled(tick.tick()).await.is_some() {
+        collect(&pg, &redis, DEFAULT_DAYS, false)
+            .await
+            .record_gauges();
     }
 }
 

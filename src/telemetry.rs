@@ -60,6 +60,8 @@ pub mod names {
     pub const LLM_COST_MICRO_USD: &str = "callcoach_llm_cost_micro_usd_total";
     /// HTTP requests, labelled `status`.
     pub const HTTP_REQUESTS: &str = "callcoach_http_requests_total";
+    /// HTTP rate-limit decisions, labelled `class` and `decision` (allowed/denied/fail_open).
+    pub const HTTP_RATE_LIMIT_DECISIONS: &str = "callcoach_http_rate_limit_decisions_total";
     /// HTTP requests refused with 429 by the rate limits, labelled `class`.
     pub const HTTP_RATE_LIMITED: &str = "callcoach_http_rate_limited_total";
     /// HTTP requests let through unchecked because the rate limiter's Redis did not answer
@@ -85,6 +87,8 @@ pub mod names {
     pub const STATS_REDIS_HIT_RATE: &str = "redis_cache_hit_rate";
     /// Stats: Redis `used_memory` in MiB.
     pub const STATS_REDIS_MEMORY_MB: &str = "redis_memory_used_mb";
+    /// Redis `used_memory` in bytes (`/metrics`' form of [`STATS_REDIS_MEMORY_MB`]).
+    pub const STATS_REDIS_MEMORY_BYTES: &str = "redis_memory_used_bytes";
     /// Stats: USD saved by caching.
     pub const STATS_COST_SAVINGS_USD: &str = "cache_cost_savings_usd";
     /// Stats: tokens cache hits did not send.
@@ -193,6 +197,10 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
     (names::HTTP_REQUESTS, "HTTP requests, labelled status."),
     (
+        names::HTTP_RATE_LIMIT_DECISIONS,
+        "HTTP rate-limit decisions, labelled class and decision (allowed/denied/fail_open).",
+    ),
+    (
         names::HTTP_RATE_LIMITED,
         "HTTP requests refused with 429 by the rate limits, labelled class.",
     ),
@@ -225,6 +233,30 @@ const GAUGES: &[(&str, &str)] = &[
     (
         names::LLM_BUDGET_USD,
         "LLM budget in USD per window, labelled window (day/month); 0 = no budget.",
+    ),
+    (
+        names::STATS_CACHE_HIT_RATE,
+        "Analyses answered by a cache tier in percent over the last 7 days, labelled source (database: of Redis' misses; redis and overall: of all analyses).",
+    ),
+    (
+        names::STATS_REDIS_HIT_RATE,
+        "Analyses answered by Redis in percent over the last 7 days.",
+    ),
+    (
+        names::STATS_REDIS_MEMORY_BYTES,
+        "Redis used_memory in bytes.",
+    ),
+    (
+        names::STATS_COST_SAVINGS_USD,
+        "USD caching saved over the last 7 days against no caching.",
+    ),
+    (
+        names::STATS_TOKENS_SAVED,
+        "Tokens cache hits did not send over the last 7 days.",
+    ),
+    (
+        names::STATS_ANALYSIS_SUCCESS_RATE,
+        "Analysis jobs that succeeded over the last 7 days, percent of those finished.",
     ),
 ];
 const HISTOGRAMS: &[(&str, &str)] = &[

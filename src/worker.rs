@@ -171,7 +171,7 @@ pub async fn run(
         let (ctx, stop, lease) = (ctx.clone(), heartbeat_stop.clone(), options.lease);
         move || heartbeat_loop(ctx.clone(), lease, stop.clone())
     });
-    let client = redis::Client::open(ctx.settings.redis_url.expose())?;
+    let client = crate::redis_client(&ctx.settings)?;
     let mut monitor = Monitor::new()
         .should_restart(|worker, error| {
             tracing::warn!(worker = %worker.name(), ?error, "worker stopped; restarting");

@@ -666,8 +666,7 @@ fn bench_gateway(settings: &Settings, run: &str) -> anyhow::Result<Gateway> {
         settings.anthropic_api_key.expose(),
         settings.llm_timeout,
     )?;
-    let redis =
-        crate::redis_connection(settings.redis_url.expose(), settings.redis_max_connections)?;
+    let redis = crate::redis_connection(settings, settings.redis_max_connections)?;
     let fleet = FleetOptions {
         processes: settings.llm_fleet_processes,
         max_wait: settings.llm_limit_max_wait,

@@ -68,7 +68,7 @@ fn noop_envelope() -> Envelope {
 
 /// Runs the queue benchmark and returns its report.
 pub async fn run(settings: Settings, bench: QueueBench) -> anyhow::Result<Value> {
-    let conn = crate::redis_connection(settings.redis_url.expose(), 1024)?;
+    let conn = crate::redis_connection(&settings, 1024)?;
     let baseline = raw_list_throughput(conn.clone(), bench.jobs).await?;
     let mut report = json!({
         "benchmark": "queue",
@@ -142,12 +142,12 @@ impl Direct<'_> {
         let done = Arc::new(AtomicUsize::new(0));
         let latencies = Arc::new(Mutex::new(Vec::new()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let client = redis::Client::open(self.settings.redis_url.expose())?;
+        let client = crate::redis_client(self.settings)?;
         let hub = worker::WakeHub::spawn(client, Lane::Interactive, stop.clone());
         let started = Instant::now();
         let mut running = Vec::new();
         for _ in 0..workers {
-            let conn = crate::redis_connection(self.settings.redis_url.expose(), 1024)?;
+            let conn = crate::redis_connection(self.settings, 1024)?;
             let backend = delivery::storage(conn, Lane::Interactive)
                 .poll_with_strategy(worker::poll_strategy(&hub, self.settings.worker_poll));
             let w = WorkerBuilder::new(worker::worker_name("bench", 0))

@@ -29,7 +29,6 @@ const WARM_UP: usize = 200;
 /// Runs the benchmark: `iterations` timed decisions with one client, `iterations × 4`
 /// spread over `clients` concurrent clients.
 pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyhow::Result<Value> {
-    let url = settings.redis_url.expose();
     let clients = clients.max(1);
     let timeout = settings.http_rate_limits.timeout;
     let roomy = RateLimitSettings {
@@ -42,9 +41,9 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
         get_per_min: 1,
         ..roomy
     };
-    let limiter = HttpRateLimiter::new(crate::redis_connection(url, IN_FLIGHT)?, &roomy);
-    let refusing = HttpRateLimiter::new(crate::redis_connection(url, IN_FLIGHT)?, &tight);
-    let raw = crate::redis_connection(url, IN_FLIGHT)?;
+    let limiter = HttpRateLimiter::new(crate::redis_connection(&settings, IN_FLIGHT)?, &roomy);
+    let refusing = HttpRateLimiter::new(crate::redis_connection(&settings, IN_FLIGHT)?, &tight);
+    let raw = crate::redis_connection(&settings, IN_FLIGHT)?;
     let raw_key = format!("callcoach:bench:ratelimit:{}", Uuid::new_v4().simple());
     let mut conn = raw.clone();
     tokio::time::timeout(

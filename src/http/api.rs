@@ -69,7 +69,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     };
     let redis = match tokio::time::timeout(Duration::from_millis(500), ping_redis(&state)).await {
         Ok(Ok(())) => "ok".to_string(),
-        Ok(Err(e)) => format!("error: {e}"),
+        Ok(Err(e)) => format!("error: {e:#}"),
         Err(_) => "error: timed out".to_string(),
     };
     let ready = pg == "ok" && redis == "ok";
@@ -89,8 +89,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 
 /// PING over a new connection: the shared connection may still be reconnecting after an
 /// outage, and readiness must say what Redis answers now, not what it answered last.
-async fn ping_redis(state: &AppState) -> redis::RedisResult<()> {
-    let client = redis::Client::open(state.settings.redis_url.expose())?;
+async fn ping_redis(state: &AppState) -> anyhow::Result<()> {
+    let client = crate::redis_client(&state.settings)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     redis::cmd("PING").query_async::<String>(&mut conn).await?;
     Ok(())

@@ -437,8 +437,8 @@ impl RateLimits {
     pub fn new(app: &AppState) -> Self {
         let settings = app.settings.http_rate_limits;
         let limiter = settings.enabled.then(|| {
-            let conn = crate::redis_connection(app.settings.redis_url.expose(), REDIS_IN_FLIGHT)
-                .unwrap_or_else(|e| {
+            let conn =
+                crate::redis_connection(&app.settings, REDIS_IN_FLIGHT).unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "rate limits share the app's Redis connection");
                     app.redis.clone()
                 });
@@ -488,6 +488,13 @@ impl RateLimits {
         };
         let (mut parts, body) = request.into_parts();
         let verdict = limiter.check(principal.key_id, class).await;
+        let decision = match (verdict.failed_open(), verdict.allowed) {
+            (true, _) => "fail_open",
+            (false, true) => "allowed",
+            (false, false) => "denied",
+        };
+        metrics::counter!(names::HTTP_RATE_LIMIT_DECISIONS, "class" => class.name(), "decision" => decision)
+            .increment(1);
         if verdict.failed_open() {
             metrics::counter!(names::HTTP_RATE_LIMIT_FAILED_OPEN, "class" => class.name())
                 .increment(1);

@@ -237,6 +237,14 @@ async fn a_refused_request_gets_429_and_the_connection_stays_usable() {
         !resp.headers.contains_key("x-ratelimit-limit"),
         "health is not limited"
     );
+    let metrics = app.scrape_metrics().await;
+    let decisions = "callcoach_http_rate_limit_decisions_total";
+    for (decision, count) in [("allowed", 3.0), ("denied", 1.0)] {
+        let decision = format!("decision=\"{decision}\"");
+        let labels = [r#"class="post""#, decision.as_str()];
+        let seen = crate::metrics::sample(&metrics, decisions, &labels);
+        assert_eq!(seen, Some(count), "{decisions}{labels:?}:\n{metrics}");
+    }
 }
 
 /// An empty bucket refills at the configured rate: 30/min is one request every 2 s.

@@ -22,7 +22,16 @@ fn unique(what: &str) -> String {
 }
 
 fn conn(url: &str) -> redis::aio::ConnectionManager {
-    callcoach::redis_connection(url, 16).unwrap()
+    let env = [
+        ("DATABASE_URL", "postgres://unused@127.0.0.1/unused"),
+        ("REDIS_URL", url),
+    ];
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let settings = callcoach::config::Settings::from_map(&env).unwrap();
+    callcoach::redis_connection(&settings, 16).unwrap()
 }
 
 fn limiter(url: &str, fail_mode: FailMode) -> RateLimiter {
