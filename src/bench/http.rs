@@ -181,7 +181,10 @@ async fn measure(bench: &HttpBench, base: &str, plain: &str, f: &Fixture) -> any
     // The limiter's cost, from one run in which every client alternates between the server
     // with the limiter and the one without: both see the same load at the same moments, so
     // the difference of their latencies is the limiter's, not the machine's drift.
-    let paired = [Target::new(base, &job, true), Target::new(plain, &job, true)];
+    let paired = [
+        Target::new(base, &job, true),
+        Target::new(plain, &job, true),
+    ];
     let [with, without] = <[Load; 2]>::try_from(drive(bench, &paired, key).await?)
         .map_err(|_| anyhow::anyhow!("two targets give two loads"))?;
     let gzip = compression(&format!("{base}/v1/calls/search?limit=100"), &f.key).await?;
