@@ -54,6 +54,9 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// How many months past the current one get their `coaching_sessions` partition ahead of time.
 pub const PARTITION_MONTHS_AHEAD: i32 = 3;
 
+/// Advisory lock key that serializes partition upkeep runs ("ccpart" in ASCII).
+const PARTITION_UPKEEP_LOCK: i64 = 0x0063_6370_6172_74;
+
 /// How long partition upkeep waits for a lock before it gives a month up until the next run.
 /// Waiting longer would hold every query that reads the default partition in the lock queue
 /// behind it.
@@ -122,11 +125,20 @@ impl PartitionReport {
 /// `months_ahead` more, and gives every month the default partition holds rows of its own
 /// partition, moving those rows. Idempotent; a month whose locks are not obtained in time is
 /// reported in [`PartitionReport::failed`], not returned as an error.
+///
+/// Runs are serialized by a transaction-level advisory lock taken before the lock timeout is
+/// set: a run scans the default partition (keeping its ACCESS SHARE lock until commit) before
+/// it locks the parent, so two runs interleaved would each hold what the other's ATTACH
+/// needs (a deadlock). A second run waits for the first, then finds its months made.
 pub async fn maintain_partitions(
     pool: &PgPool,
     months_ahead: i32,
 ) -> sqlx::Result<PartitionReport> {
     let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(PARTITION_UPKEEP_LOCK)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("SELECT set_config('lock_timeout', $1, true)")
         .bind(PARTITION_LOCK_TIMEOUT)
         .execute(&mut *tx)

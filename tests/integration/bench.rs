@@ -114,15 +114,17 @@ async fn bench_http_drives_every_scenario_and_leaves_nothing_behind() {
     for scenario in [
         "healthz",
         "job_read",
-        "job_read_without_limiter",
         "search",
         "search_without_limiter_or_gzip",
+        "paired_job_read_with_limiter",
+        "paired_job_read_without_limiter",
     ] {
         positive(&report[scenario]["requests_per_sec"], scenario);
         assert_eq!(report[scenario]["errors"], 0, "{scenario}: {report}");
         assert_latencies(&report[scenario]["latency"], scenario);
     }
     positive(&report["job_read_vs_healthz"], "job_read_vs_healthz");
+    assert!(report["limiter_overhead"]["p99_us"].is_number(), "{report}");
     let gzip = &report["search_page_gzip"];
     assert!(
         gzip["gzip_bytes"].as_u64() < gzip["bytes"].as_u64(),
