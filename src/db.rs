@@ -55,7 +55,7 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 pub const PARTITION_MONTHS_AHEAD: i32 = 3;
 
 /// Advisory lock key that serializes partition upkeep runs ("ccpart" in ASCII).
-const PARTITION_UPKEEP_LOCK: i64 = 0x0063_6370_6172_74;
+const PARTITION_UPKEEP_LOCK: i64 = 0x0000_6363_7061_7274;
 
 /// How long partition upkeep waits for a lock before it gives a month up until the next run.
 /// Waiting longer would hold every query that reads the default partition in the lock queue
