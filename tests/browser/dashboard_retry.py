@@ -140,6 +140,15 @@ def main():
     row = f'tr[data-job="{args.job}"]'
     browser = Browser(args.chromium)
     try:
+        # A fixed viewport: a headless window can report a width of 0 while a page loads,
+        # which the screenshot refuses.
+        browser.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=1280,
+            height=1600,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         browser.call("Page.navigate", url=f"{args.base}/dashboard/login")
         browser.wait_for("document.querySelector('input[name=key]') !== null", "the login form")
         browser.eval(
@@ -162,7 +171,11 @@ def main():
             "the job to show as succeeded",
             reload_every=1.0,
         )
-        shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        browser.wait_for(
+            "document.readyState === 'complete' && document.documentElement.clientWidth > 0",
+            "the page to finish loading",
+        )
+        shot = browser.call("Page.captureScreenshot", format="png")
         with open(args.screenshot, "wb") as f:
             f.write(base64.b64decode(shot["data"]))
         print(json.dumps({"flash": flash}))
