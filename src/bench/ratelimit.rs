@@ -1,7 +1,9 @@
 //! `bench ratelimit`: latency and throughput of the HTTP front's rate-limit decision, through
-//! the project's limiter ([`HttpRateLimiter::check`]: one `EVALSHA` of the shared token-bucket
-//! script), with one client and with many concurrent ones, beside a plain Redis `GET` round
-//! trip on the same kind of connection, measured in the same run.
+//! the project's limiter ([`HttpRateLimiter::check`]: a token leased to the process, or one
+//! `EVALSHA` of the shared token-bucket script), with one client and with many concurrent
+//! ones, beside a plain Redis `GET` round trip on the same kind of connection, measured in
+//! the same run. How many `EVALSHA`s Redis answered per decision (from `INFO commandstats`)
+//! shows how many decisions were taken from leases.
 //!
 //! Each client is an API key of its own (its own bucket), as distinct callers of the front
 //! are. The allowed path is measured with limits no client reaches (the script reads,
@@ -62,18 +64,23 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
     let mut tally = Tally::default();
     decisions(&limiter, Uuid::new_v4(), WARM_UP, &mut tally).await;
     let mut tally = Tally::default();
+    let calls = evalsha_calls(&raw).await?;
     let started = Instant::now();
     let allowed = decisions(&limiter, Uuid::new_v4(), iterations, &mut tally).await;
     let allowed_per_sec = iterations as f64 / started.elapsed().as_secs_f64();
+    let allowed_calls = evalsha_calls(&raw).await? - calls;
     let refused_key = Uuid::new_v4();
     decisions(&refusing, refused_key, 1, &mut Tally::default()).await;
     let mut refused_tally = Tally::default();
+    let calls = evalsha_calls(&raw).await?;
     let refused = decisions(&refusing, refused_key, iterations, &mut refused_tally).await;
+    let refused_calls = evalsha_calls(&raw).await? - calls;
     let started = Instant::now();
     let raw_single = raw_gets(&raw, &raw_key, iterations).await?;
     let raw_per_sec = iterations as f64 / started.elapsed().as_secs_f64();
 
     let per_client = (iterations * 4 / clients).max(1);
+    let calls = evalsha_calls(&raw).await?;
     let started = Instant::now();
     let runs = (0..clients).map(|_| {
         let limiter = limiter.clone();
@@ -90,6 +97,8 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
         concurrent_tally.add(&tally);
     }
     let concurrent_per_sec = concurrent.len() as f64 / started.elapsed().as_secs_f64();
+    let per_decision = |calls: u64, n: usize| ratio(calls as f64, n as f64);
+    let concurrent_calls = per_decision(evalsha_calls(&raw).await? - calls, concurrent.len());
     let started = Instant::now();
     let raw_runs = (0..clients).map(|_| raw_gets(&raw, &raw_key, per_client));
     let raw_concurrent: Vec<f64> = join_all(raw_runs)
@@ -116,11 +125,13 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
     let (many, raw_many, p50_many, p99_many) = compare(concurrent, raw_concurrent);
     Ok(json!({
         "benchmark": "ratelimit",
-        "decision": "HttpRateLimiter::check: one EVALSHA of the token-bucket script per request",
+        "decision": "HttpRateLimiter::check: a token leased to this process, or one EVALSHA",
         "timeout_ms": timeout.as_millis() as u64,
         "single_client": {
             "allowed": single,
             "allowed_decisions_per_sec": allowed_per_sec.round(),
+            "allowed_evalsha_per_decision": per_decision(allowed_calls, iterations),
+            "refused_evalsha_per_decision": per_decision(refused_calls, iterations),
             "refused": summary_us(refused),
             "raw_redis_get": raw_single,
             "raw_gets_per_sec": raw_per_sec.round(),
@@ -133,6 +144,7 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
             "clients": clients,
             "decisions": many,
             "decisions_per_sec": concurrent_per_sec.round(),
+            "evalsha_per_decision": concurrent_calls,
             "raw_redis_get": raw_many,
             "raw_gets_per_sec": raw_concurrent_per_sec.round(),
             "throughput_ratio_vs_raw_get": ratio(concurrent_per_sec, raw_concurrent_per_sec),
@@ -195,4 +207,18 @@ async fn raw_gets(conn: &ConnectionManager, key: &str, n: usize) -> anyhow::Resu
         samples.push(t.elapsed().as_secs_f64() * 1e6);
     }
     Ok(samples)
+}
+
+/// `EVALSHA` calls Redis has answered since it started (`INFO commandstats`).
+async fn evalsha_calls(conn: &ConnectionManager) -> anyhow::Result<u64> {
+    let mut conn = conn.clone();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0))
 }

@@ -36,7 +36,7 @@ use std::{
 pub const WINDOW: Duration = Duration::from_millis(50);
 
 /// Most tokens one lease takes.
-pub const MAX_LEASE: u32 = 64;
+pub const MAX_LEASE: u32 = 1024;
 
 /// Entries kept before idle ones (no request for a minute) are dropped.
 const MAX_ENTRIES: usize = 4096;

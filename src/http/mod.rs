@@ -57,8 +57,8 @@ pub struct AppState {
     pub spend: crate::llm::limits::SpendGuard,
     /// Authenticated API keys, cached for `AUTH_CACHE_MS`.
     pub keys: auth::KeyCache,
-    /// What the dashboard's schedule panel lists; `None` shows "scheduler not configured".
-    /// The scheduler provides an implementation of [`dashboard::ScheduleSource`].
+    /// What the dashboard's schedule panel lists ([`crate::schedule::DashboardSchedule`]);
+    /// `None` shows "scheduler not configured".
     pub schedule: Option<Arc<dyn dashboard::ScheduleSource>>,
 }
 

@@ -39,8 +39,9 @@ pub struct ScheduleRow {
     pub next_run: Option<DateTime<Utc>>,
 }
 
-/// Where the schedule panel gets its rows: the scheduler implements it and is put into
-/// [`AppState::schedule`]; with none there the panel says the scheduler is not configured.
+/// Where the schedule panel gets its rows: [`crate::schedule::DashboardSchedule`] in the
+/// app, put into [`AppState::schedule`]; with none there the panel says the scheduler is not
+/// configured.
 pub trait ScheduleSource: Send + Sync {
     /// The entries, in display order; an error is shown in the panel.
     fn entries(&self) -> BoxFuture<'_, anyhow::Result<Vec<ScheduleRow>>>;
