@@ -1,9 +1,8 @@
 //! `bench ratelimit`: latency and throughput of the HTTP front's rate-limit decision, through
-//! the project's limiter ([`HttpRateLimiter::check`]: a token leased to the process, or one
-//! `EVALSHA` of the shared token-bucket script), with one client and with many concurrent
+//! the project's limiter ([`HttpRateLimiter::check`]: one `EVALSHA` of the shared
+//! token-bucket script), with one client and with many concurrent
 //! ones, beside a plain Redis `GET` round trip on the same kind of connection, measured in
-//! the same run. How many `EVALSHA`s Redis answered per decision (from `INFO commandstats`)
-//! shows how many decisions were taken from leases.
+//! the same run, with how many `EVALSHA`s Redis answered per decision (`INFO commandstats`).
 //!
 //! Each client is an API key of its own (its own bucket), as distinct callers of the front
 //! are. The allowed path is measured with limits no client reaches (the script reads,
@@ -125,7 +124,7 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
     let (many, raw_many, p50_many, p99_many) = compare(concurrent, raw_concurrent);
     Ok(json!({
         "benchmark": "ratelimit",
-        "decision": "HttpRateLimiter::check: a token leased to this process, or one EVALSHA",
+        "decision": "HttpRateLimiter::check: one EVALSHA of the token-bucket script per request",
         "timeout_ms": timeout.as_millis() as u64,
         "single_client": {
             "allowed": single,

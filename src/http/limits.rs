@@ -54,11 +54,7 @@
 //! limiter skips Redis for a second, so an outage costs one timeout a second, not one per
 //! request; it is logged when it starts and when it ends.
 
-use super::{
-    ApiError, AppState,
-    auth::Principal,
-    leases::{Leases, Plan},
-};
+use super::{ApiError, AppState, auth::Principal};
 use crate::{
     rate_limit::{Bucket, Decision, FailMode, LimiterOptions, RateLimiter, Source},
     telemetry::names,
@@ -73,7 +69,7 @@ use axum::{
 use redis::aio::ConnectionManager;
 use std::{
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, SystemTime},
 };
 use uuid::Uuid;
 
@@ -344,7 +340,6 @@ fn ceil_secs(d: Duration) -> u64 {
 pub struct HttpRateLimiter {
     limiter: RateLimiter,
     policies: Arc<[Policy; 5]>,
-    leases: Arc<Leases>,
 }
 
 impl HttpRateLimiter {
@@ -358,7 +353,6 @@ impl HttpRateLimiter {
         Self {
             limiter: RateLimiter::new(conn, options),
             policies: Arc::new(policies),
-            leases: Arc::default(),
         }
     }
 
@@ -377,58 +371,51 @@ impl HttpRateLimiter {
             .expect("limits are validated as positive")
     }
 
-    /// Charges one request of `key_id` in `class`: from a token leased to this process
-    /// ([`leases`](super::leases)), or with one `EVALSHA` (none while Redis is skipped after
-    /// a failure).
+    /// Charges one request of `key_id` in `class`: one `EVALSHA`, or none while Redis is
+    /// skipped after a failure.
     pub async fn check(&self, key_id: Uuid, class: RouteClass) -> Verdict {
         let bucket = self.bucket(class, key_id);
         let limit = self.policy(class).per_min;
-        let verdict = |allowed, state| Verdict {
-            class,
-            allowed,
-            limit,
-            state,
-        };
-        let (mut take, give_back) = match self.leases.plan(&bucket, Instant::now()) {
-            Plan::Local { allowed, state } => return verdict(allowed, Some(state)),
-            Plan::Remote { take, give_back } => (take, give_back),
-        };
-        loop {
-            let decision = self.charge(&bucket, take, give_back).await;
-            let answer = decision
-                .as_ref()
-                .filter(|d| d.source == Source::Redis)
-                .and_then(|d| Some((d.allowed, *d.levels.first()?, d.wait)));
-            let state = self.leases.record(&bucket, Instant::now(), take, answer);
-            match decision {
-                // A lease Redis could not fill: ask for this request's token alone.
-                Some(d) if !d.allowed && take > 1 => take = 1,
-                Some(d) => return verdict(d.allowed, state),
-                None => return verdict(true, None),
+        let decision = match self.limiter.charge(&[(bucket.clone(), 1.0)]).await {
+            Ok(decision) => decision,
+            // Unreachable: the bucket is valid and a cost of 1 fits every capacity (≥ 1).
+            Err(e) => {
+                tracing::error!(error = %e, "rate limiter refused a request of one");
+                return Verdict {
+                    class,
+                    allowed: true,
+                    limit,
+                    state: None,
+                };
             }
-        }
-    }
-
-    /// Takes `take` tokens from `bucket` after giving back `give_back` (one statement either
-    /// way: the net is charged, or refunded when the tokens given back cover it). `None`
-    /// only if the limiter refused the request itself, which a valid bucket never does.
-    async fn charge(&self, bucket: &Bucket, take: u32, give_back: u32) -> Option<Decision> {
-        let net = f64::from(take) - f64::from(give_back);
-        let costs = [(bucket.clone(), net)];
-        let decision = if net > 0.0 {
-            self.limiter.charge(&costs).await
-        } else {
-            self.limiter.adjust(&costs).await
         };
-        decision
-            .inspect_err(|e| tracing::error!(error = %e, "rate limiter refused a request"))
-            .ok()
+        Verdict {
+            class,
+            allowed: decision.allowed,
+            limit,
+            state: state_of(&bucket, &decision),
+        }
     }
 
     /// Writes the headers of `verdict` into `headers`.
     pub fn write_headers(&self, verdict: &Verdict, headers: &mut HeaderMap) {
         verdict.write_headers(self.policy(verdict.class), headers, SystemTime::now());
     }
+}
+
+/// The bucket's state after `decision`, when Redis answered.
+fn state_of(bucket: &Bucket, decision: &Decision) -> Option<BucketState> {
+    if decision.source != Source::Redis {
+        return None;
+    }
+    let level = decision.levels.first().copied()?;
+    let capacity = bucket.capacity();
+    let missing = (capacity - level).max(0.0);
+    Some(BucketState {
+        remaining: level.clamp(0.0, capacity).floor() as u32,
+        full_in: Duration::from_secs_f64(missing / bucket.refill_per_sec()),
+        retry_in: decision.wait,
+    })
 }
 
 /// The state of the rate-limit middleware: the app (to authenticate) and the limiter, if
@@ -658,6 +645,26 @@ mod tests {
         let h = headers(&verdict, 1_000);
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["ratelimit-policy"], "\"post\";q=30;w=60");
+    }
+
+    #[test]
+    fn a_redis_answer_becomes_a_state() {
+        let bucket = Bucket::per_minute("t", 100.0).unwrap();
+        let decision = Decision {
+            allowed: true,
+            wait: Duration::ZERO,
+            levels: vec![95.4],
+            source: Source::Redis,
+        };
+        let s = state_of(&bucket, &decision).unwrap();
+        assert_eq!(s.remaining, 95);
+        assert!((s.full_in.as_secs_f64() - 4.6 * 0.6).abs() < 1e-9);
+        let open = Decision {
+            source: Source::FailedOpen,
+            levels: vec![],
+            ..decision
+        };
+        assert_eq!(state_of(&bucket, &open), None);
     }
 
     #[test]

@@ -7,7 +7,6 @@ pub mod compression;
 pub mod dashboard;
 pub mod html;
 pub mod idempotency;
-pub mod leases;
 pub mod limits;
 pub mod openapi;
 pub mod reads;

@@ -488,62 +488,6 @@ async fn three_hundred_concurrent_requests_admit_the_limit() {
     println!("{admitted} admitted, {refused} refused in {elapsed:.3} s");
 }
 
-/// `EVALSHA` calls the app's Redis has answered so far.
-async fn evalsha_calls(app: &TestApp) -> u64 {
-    let client = redis::Client::open(app.env["REDIS_URL"].as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// `clients` clients sending `each` requests back to back with one key: how many were
-/// admitted and how long it took.
-async fn busy_key(app: &TestApp, key: &str, clients: usize, each: usize) -> (usize, f64) {
-    let started = Instant::now();
-    let admitted = join_all((0..clients).map(|_| {
-        let (http, url, key) = (app.http.clone(), app.url(&job_path()), key.to_string());
-        async move {
-            let mut admitted = 0;
-            for _ in 0..each {
-                let resp = http.get(&url).bearer_auth(&key).send().await.unwrap();
-                admitted += usize::from(resp.status() == 404);
-            }
-            admitted
-        }
-    }))
-    .await;
-    (admitted.iter().sum(), started.elapsed().as_secs_f64())
-}
-
-/// A key sending many requests a second is charged through tokens leased to the process
-/// (far fewer `EVALSHA`s than requests), and still never gets more than its bucket holds.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_busy_key_is_decided_from_leased_tokens_without_exceeding_its_bucket() {
-    let app = limited_app(&[("RATE_LIMIT_GET_PER_MIN", "60000")]).await;
-    let (_, key) = new_key(&app, "busy").await;
-    let before = evalsha_calls(&app).await;
-    let (admitted, _) = busy_key(&app, &key, 8, 100).await;
-    let calls = evalsha_calls(&app).await - before;
-    assert_eq!(admitted, 800, "the bucket holds 60000");
-    assert!(calls < 400, "{calls} EVALSHA for 800 requests");
-
-    let app = limited_app(&[("RATE_LIMIT_GET_PER_MIN", "100")]).await;
-    let (_, key) = new_key(&app, "busy-small").await;
-    let (admitted, elapsed) = busy_key(&app, &key, 8, 40).await;
-    let refilled = (elapsed * 100.0 / 60.0).floor() as usize;
-    assert!(
-        (100..=100 + refilled).contains(&admitted),
-        "{admitted} of 320 admitted in {elapsed:.2} s against 100/min"
-    );
-}
-
 /// A bucket's Redis key always carries an expiry: it disappears once it would be full again.
 #[tokio::test]
 async fn bucket_keys_keep_an_expiry() {

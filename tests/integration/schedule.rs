@@ -91,8 +91,10 @@ async fn two_schedulers_enqueue_every_tick_exactly_once() {
         cron_keys(&app).await,
         once(&ticks.iter().map(String::as_str).collect::<Vec<_>>())
     );
-    // Each tick was due for both: one created its job, the other found it.
-    assert_eq!(totals, (5, 5));
+    // Each tick was created by one of them; the other found it enqueued (or, when the first
+    // had already committed it before the other's pass read the ledger, never saw it due).
+    assert_eq!(totals.0, 5, "{totals:?}");
+    assert!(totals.1 <= 5, "{totals:?}");
     assert_eq!(noop_jobs(&app).await, 5, "one background job per tick");
 }
 
