@@ -70,9 +70,14 @@ const EXPIRY_MARGIN_MS: u64 = 1_000;
 const SKIP_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 /// The token bucket, for every operation. KEYS: bucket hashes. ARGV[1]: operation
-/// (`charge`, `peek`, `adjust`, `clamp`); then per key: capacity, refill per millisecond and
-/// amount (a cost, a delta or a remaining level). ARGV[2 + 3n]: expiry margin in ms.
-/// Returns strings: allowed (1/0), wait in ms, then each bucket's level afterwards.
+/// (`charge`, `peek`, `adjust`, `clamp`, `lease`); then per key: capacity, refill per
+/// millisecond and amount (a cost, a delta, a remaining level, or the most tokens a lease
+/// takes). ARGV[2 + 3n]: expiry margin in ms. Returns strings: allowed (1/0), wait in ms, then
+/// each bucket's level afterwards.
+///
+/// `lease` works on one bucket: it first adds back ARGV[6] tokens (those of an ended lease,
+/// up to the capacity), then takes as many whole tokens as it holds, at most the amount, and
+/// returns the number taken after the level; with none taken, the wait is until one exists.
 const BUCKET_SCRIPT: &str = r#"
 local op = ARGV[1]
 local n = #KEYS
@@ -92,6 +97,24 @@ for i = 1, n do
   else
     level[i] = math.min(cap[i], tokens + math.max(0, now - ts) * rate[i])
   end
+end
+if op == 'lease' then
+  local back = tonumber(ARGV[3 + 3 * n])
+  local lvl = math.min(cap[1], level[1] + back)
+  local granted = math.max(0, math.min(amount[1], math.floor(lvl)))
+  local wait = 0
+  if granted < 1 then
+    wait = (1 - lvl) / rate[1]
+  end
+  if granted >= 1 or back > 0 then
+    lvl = lvl - granted
+    redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', lvl),
+      'ts', string.format('%.17g', now))
+    local ttl = math.ceil((cap[1] - lvl) / rate[1]) + margin
+    redis.call('PEXPIRE', KEYS[1], string.format('%.0f', ttl))
+  end
+  return {granted >= 1 and '1' or '0', string.format('%.17g', wait),
+    string.format('%.17g', lvl), string.format('%.0f', granted)}
 end
 local wait = 0
 if op == 'charge' or op == 'peek' then
@@ -272,6 +295,20 @@ pub struct Decision {
     pub source: Source,
 }
 
+/// What a [`RateLimiter::lease`] took.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lease {
+    /// Whole tokens taken from the bucket (0 when it held less than one, or Redis could not
+    /// be asked).
+    pub granted: u32,
+    /// The bucket's level afterwards; `None` when nobody knows ([`Source::FailedOpen`]).
+    pub level: Option<f64>,
+    /// With nothing granted: how long until the bucket holds one token.
+    pub wait: Duration,
+    /// Who answered.
+    pub source: Source,
+}
+
 /// What a limiter does while Redis is unreachable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FailMode {
@@ -380,6 +417,47 @@ impl RateLimiter {
     /// Lowers each level to at most `remaining` (when an outside source says less is left).
     pub async fn clamp(&self, remaining: &[(Bucket, f64)]) -> Result<Decision, RateLimitError> {
         self.run(Op::Clamp, remaining).await
+    }
+
+    /// Takes up to `most` whole tokens from `bucket` at once, after giving back `give_back`
+    /// tokens of an ended lease: a process then hands them out itself
+    /// ([`crate::http::leases`]). Never fails: while Redis is unreachable the fail mode answers
+    /// for one token ([`Source::FailedOpen`] grants nothing but allows).
+    pub async fn lease(&self, bucket: &Bucket, most: u32, give_back: u32) -> Lease {
+        match self.lease_in_redis(bucket, most.max(1), give_back).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                let one = [(bucket.clone(), 1.0_f64.min(bucket.capacity))];
+                let decision = self.fallback(Op::Charge, &one, &e);
+                Lease {
+                    granted: u32::from(decision.allowed && decision.source == Source::Local),
+                    level: decision.levels.first().copied(),
+                    wait: decision.wait,
+                    source: decision.source,
+                }
+            }
+        }
+    }
+
+    async fn lease_in_redis(
+        &self,
+        bucket: &Bucket,
+        most: u32,
+        give_back: u32,
+    ) -> Result<Lease, RateLimitError> {
+        let mut invocation = self.buckets.prepare_invoke();
+        invocation
+            .arg("lease")
+            .key(&bucket.key)
+            .arg(bucket.capacity)
+            .arg(bucket.refill_per_sec / 1000.0)
+            .arg(most)
+            .arg(EXPIRY_MARGIN_MS)
+            .arg(give_back);
+        let mut conn = self.conn.clone();
+        let reply: Vec<String> = self.timed(invocation.invoke_async(&mut conn)).await?;
+        parse_lease(&reply)
+            .ok_or_else(|| RateLimitError::Unavailable(format!("unexpected reply {reply:?}")))
     }
 
     /// Adds to fixed-window counters and returns their values afterwards. Redis being
@@ -582,6 +660,20 @@ fn parse_reply(reply: &[String], buckets: usize) -> Option<Decision> {
         allowed: allowed == "1",
         wait: Duration::from_secs_f64(wait_ms.max(0.0) / 1000.0),
         levels,
+        source: Source::Redis,
+    })
+}
+
+/// Reads the script's reply to a lease: allowed, wait in ms, level, tokens granted.
+fn parse_lease(reply: &[String]) -> Option<Lease> {
+    let [_, wait, level, granted] = reply else {
+        return None;
+    };
+    let wait_ms: f64 = wait.parse().ok()?;
+    Some(Lease {
+        granted: granted.parse().ok()?,
+        level: Some(level.parse().ok()?),
+        wait: Duration::from_secs_f64(wait_ms.max(0.0) / 1000.0),
         source: Source::Redis,
     })
 }

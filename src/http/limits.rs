@@ -54,9 +54,9 @@
 //! limiter skips Redis for a second, so an outage costs one timeout a second, not one per
 //! request; it is logged when it starts and when it ends.
 
-use super::{ApiError, AppState, auth::Principal};
+use super::{ApiError, AppState, auth::Principal, leases::Leases};
 use crate::{
-    rate_limit::{Bucket, Decision, FailMode, LimiterOptions, RateLimiter, Source},
+    rate_limit::{Bucket, FailMode, LimiterOptions, RateLimiter},
     telemetry::names,
 };
 use axum::{
@@ -338,7 +338,7 @@ fn ceil_secs(d: Duration) -> u64 {
 /// The HTTP limits over the fleet limiter (fail mode [`FailMode::Open`]). Cheap to clone.
 #[derive(Clone)]
 pub struct HttpRateLimiter {
-    limiter: RateLimiter,
+    leases: Leases,
     policies: Arc<[Policy; 5]>,
 }
 
@@ -351,7 +351,7 @@ impl HttpRateLimiter {
         };
         let policies = RouteClass::ALL.map(|class| Policy::new(class, settings.per_min(class)));
         Self {
-            limiter: RateLimiter::new(conn, options),
+            leases: Leases::new(RateLimiter::new(conn, options)),
             policies: Arc::new(policies),
         }
     }
@@ -371,29 +371,16 @@ impl HttpRateLimiter {
             .expect("limits are validated as positive")
     }
 
-    /// Charges one request of `key_id` in `class`: one `EVALSHA`, or none while Redis is
-    /// skipped after a failure.
+    /// Charges one request of `key_id` in `class`: a token this process holds for the bucket,
+    /// or one of a lease from Redis ([`Leases`]); no Redis call while Redis is skipped after
+    /// a failure.
     pub async fn check(&self, key_id: Uuid, class: RouteClass) -> Verdict {
-        let bucket = self.bucket(class, key_id);
-        let limit = self.policy(class).per_min;
-        let decision = match self.limiter.charge(&[(bucket.clone(), 1.0)]).await {
-            Ok(decision) => decision,
-            // Unreachable: the bucket is valid and a cost of 1 fits every capacity (≥ 1).
-            Err(e) => {
-                tracing::error!(error = %e, "rate limiter refused a request of one");
-                return Verdict {
-                    class,
-                    allowed: true,
-                    limit,
-                    state: None,
-                };
-            }
-        };
+        let acquired = self.leases.acquire(&self.bucket(class, key_id)).await;
         Verdict {
             class,
-            allowed: decision.allowed,
-            limit,
-            state: state_of(&bucket, &decision),
+            allowed: acquired.allowed,
+            limit: self.policy(class).per_min,
+            state: acquired.state,
         }
     }
 
@@ -401,21 +388,6 @@ impl HttpRateLimiter {
     pub fn write_headers(&self, verdict: &Verdict, headers: &mut HeaderMap) {
         verdict.write_headers(self.policy(verdict.class), headers, SystemTime::now());
     }
-}
-
-/// The bucket's state after `decision`, when Redis answered.
-fn state_of(bucket: &Bucket, decision: &Decision) -> Option<BucketState> {
-    if decision.source != Source::Redis {
-        return None;
-    }
-    let level = decision.levels.first().copied()?;
-    let capacity = bucket.capacity();
-    let missing = (capacity - level).max(0.0);
-    Some(BucketState {
-        remaining: level.clamp(0.0, capacity).floor() as u32,
-        full_in: Duration::from_secs_f64(missing / bucket.refill_per_sec()),
-        retry_in: decision.wait,
-    })
 }
 
 /// The state of the rate-limit middleware: the app (to authenticate) and the limiter, if
@@ -645,26 +617,6 @@ mod tests {
         let h = headers(&verdict, 1_000);
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["ratelimit-policy"], "\"post\";q=30;w=60");
-    }
-
-    #[test]
-    fn a_redis_answer_becomes_a_state() {
-        let bucket = Bucket::per_minute("t", 100.0).unwrap();
-        let decision = Decision {
-            allowed: true,
-            wait: Duration::ZERO,
-            levels: vec![95.4],
-            source: Source::Redis,
-        };
-        let s = state_of(&bucket, &decision).unwrap();
-        assert_eq!(s.remaining, 95);
-        assert!((s.full_in.as_secs_f64() - 4.6 * 0.6).abs() < 1e-9);
-        let open = Decision {
-            source: Source::FailedOpen,
-            levels: vec![],
-            ..decision
-        };
-        assert_eq!(state_of(&bucket, &open), None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod compression;
 pub mod dashboard;
 pub mod html;
 pub mod idempotency;
+pub mod leases;
 pub mod limits;
 pub mod openapi;
 pub mod reads;

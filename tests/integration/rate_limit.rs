@@ -4,6 +4,7 @@
 
 use crate::{helpers::TestRedis, proxy::FaultProxy};
 use callcoach::{
+    http::leases::{LEASE_LIFETIME, Leases},
     llm::limits::{
         AcquireError, FleetLimiter, FleetLimits, FleetOptions, Limit, Quota, RateLimitHeaders,
         SpendBudgets, SpendGuard, SpendOptions, SpendWindow,
@@ -553,4 +554,134 @@ fn assert_near(got: Duration, want: Duration, tolerance_ms: u64) {
         diff <= Duration::from_millis(tolerance_ms),
         "{got:?} is not {want:?} ± {tolerance_ms} ms"
     );
+}
+
+/// A lease takes what the bucket holds, up to what it asks for, after the tokens it gives
+/// back; an empty bucket grants nothing and says when the next token exists.
+#[tokio::test]
+async fn a_lease_takes_up_to_what_the_bucket_holds() {
+    let redis = TestRedis::start().await;
+    let limiter = limiter(&redis.url(), FailMode::Open);
+    let bucket = Bucket::per_minute(&unique("lease"), 10.0).unwrap();
+    let first = limiter.lease(&bucket, 4, 0).await;
+    assert_eq!((first.granted, first.source), (4, Source::Redis));
+    assert!((first.level.unwrap() - 6.0).abs() < 0.01, "{first:?}");
+    let all = limiter.lease(&bucket, 100, 2).await;
+    assert_eq!(all.granted, 8, "6 left and 2 given back: {all:?}");
+    let none = limiter.lease(&bucket, 1, 0).await;
+    assert_eq!(none.granted, 0);
+    let wait = none.wait.as_secs_f64();
+    assert!((5.9..=6.0).contains(&wait), "one token at 10/min: {wait}");
+    assert!(
+        pttl(&redis, bucket.key()).await > 0,
+        "the key keeps an expiry"
+    );
+}
+
+/// Two processes leasing from one bucket of 100 admit exactly 100 of 300 concurrent
+/// requests (plus what refills meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_leasing_one_bucket_admit_exactly_its_capacity() {
+    let redis = TestRedis::start().await;
+    let processes = [0, 1].map(|_| Leases::new(limiter(&redis.url(), FailMode::Open)));
+    let bucket = Bucket::per_minute(&unique("shared"), 100.0).unwrap();
+    let started = Instant::now();
+    let answers = join_all((0..300).map(|i| {
+        let (leases, bucket) = (processes[i % 2].clone(), bucket.clone());
+        tokio::spawn(async move { leases.acquire(&bucket).await })
+    }))
+    .await;
+    let refilled = (started.elapsed().as_secs_f64() * 100.0 / 60.0).floor() as usize;
+    let admitted = answers
+        .iter()
+        .filter(|a| a.as_ref().unwrap().allowed)
+        .count();
+    assert!(
+        (100..=100 + refilled).contains(&admitted),
+        "{admitted} admitted, {refilled} refilled"
+    );
+    for answer in answers {
+        let answer = answer.unwrap();
+        let state = answer.state.expect("Redis answered every request");
+        if !answer.allowed {
+            assert!(state.retry_in > Duration::ZERO && state.remaining == 0);
+        }
+    }
+}
+
+/// A busy key costs Redis one call per lease, not one per request: 2,000 requests from 20
+/// clients, all admitted, in far fewer `EVALSHA`s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_key_costs_one_redis_call_per_lease() {
+    let redis = TestRedis::start().await;
+    let leases = Leases::new(limiter(&redis.url(), FailMode::Open));
+    let bucket = Bucket::per_minute(&unique("busy"), 1_000_000.0).unwrap();
+    let before = evalsha_calls(&redis).await;
+    let admitted = join_all((0..20).map(|_| {
+        let (leases, bucket) = (leases.clone(), bucket.clone());
+        tokio::spawn(async move {
+            let mut admitted = 0;
+            for _ in 0..100 {
+                admitted += usize::from(leases.acquire(&bucket).await.allowed);
+            }
+            admitted
+        })
+    }))
+    .await;
+    let admitted: usize = admitted.into_iter().map(Result::unwrap).sum();
+    assert_eq!(admitted, 2_000);
+    let calls = evalsha_calls(&redis).await - before;
+    assert!(
+        (1..=200).contains(&calls),
+        "{calls} EVALSHA for 2,000 requests"
+    );
+}
+
+/// Tokens a process leased ahead and did not use within the lease go back to the bucket:
+/// after ten quick requests and a pause, the key can still send exactly the other 50 of 60.
+#[tokio::test]
+async fn tokens_left_in_an_ended_lease_go_back_to_the_bucket() {
+    let redis = TestRedis::start().await;
+    let leases = Leases::new(limiter(&redis.url(), FailMode::Open));
+    let bucket = Bucket::per_minute(&unique("give-back"), 60.0).unwrap();
+    for _ in 0..10 {
+        assert!(leases.acquire(&bucket).await.allowed);
+    }
+    let tokens: f64 = redis
+        .conn()
+        .await
+        .hget(bucket.key(), "tokens")
+        .await
+        .unwrap();
+    assert!(tokens < 50.0, "tokens leased ahead: {tokens} left in Redis");
+    tokio::time::sleep(LEASE_LIFETIME + Duration::from_millis(20)).await;
+    let started = Instant::now();
+    let first = leases.acquire(&bucket).await;
+    assert_eq!(
+        first.state.unwrap().remaining,
+        49,
+        "50 left, this one taken"
+    );
+    let mut admitted = 1;
+    while leases.acquire(&bucket).await.allowed {
+        admitted += 1;
+    }
+    let refilled = (started.elapsed().as_secs_f64() + 0.2).floor() as usize;
+    assert!(
+        (50..=50 + refilled).contains(&admitted),
+        "{admitted} admitted after the pause"
+    );
+}
+
+/// `EVALSHA` calls Redis has served so far.
+async fn evalsha_calls(redis: &TestRedis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
 }
