@@ -343,11 +343,15 @@ pub async fn cache_statistics(pool: &PgPool, days: i32) -> sqlx::Result<Vec<Sour
     .await
 }
 
-/// The cache's effect over the last `days` days: the answers by source
-/// ([`cache_statistics`]), their totals, the hit rate, what was paid and saved, and the
-/// day counters of the cache (`cache_counters`: corrupt entries, breaker openings…).
-pub async fn cache_report(pool: &PgPool, days: i32) -> sqlx::Result<serde_json::Value> {
-    let sources = cache_statistics(pool, days).await?;
+/// The cache's effect over the last `days` days: the answers by source (`sources`, from
+/// [`cache_statistics`] of the same window), their totals, the hit rate, what was paid and
+/// saved, and the day counters of the cache (`cache_counters`: corrupt entries, breaker
+/// openings…), read here.
+pub async fn cache_report(
+    pool: &PgPool,
+    days: i32,
+    sources: &[SourceStatistics],
+) -> sqlx::Result<serde_json::Value> {
     let counters: Vec<(String, i64)> = sqlx::query_as(
         "SELECT name, sum(value)::bigint FROM cache_counters
          WHERE day > current_date - $1 GROUP BY name ORDER BY name",

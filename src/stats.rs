@@ -62,6 +62,9 @@ pub struct CacheStats {
     /// Per dimension (with `--dimension-breakdown`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dimensions: Option<BTreeMap<String, DimensionStats>>,
+    /// The answers by source these figures were computed from (empty without Postgres).
+    #[serde(skip)]
+    pub sources: Vec<performance::SourceStatistics>,
 }
 
 /// The Redis tier.
@@ -429,6 +432,7 @@ fn build(
             reasons: Vec::new(),
         },
         dimensions: breakdown.then(|| dimension_breakdown(groups)),
+        sources: sources.to_vec(),
     }
 }
 

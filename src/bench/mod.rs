@@ -97,8 +97,8 @@ pub enum BenchCommand {
         #[arg(long)]
         keep: bool,
     },
-    /// HTTP rate-limit decisions through the front's limiter (one EVALSHA each) with 1 and
-    /// N concurrent clients, against plain Redis GET round trips.
+    /// HTTP rate-limit decisions through the front's limiter (leased tokens; one EVALSHA
+    /// per lease) with 1 and N concurrent clients, against plain Redis GET round trips.
     Ratelimit {
         /// Timed single-client decisions (and 4× that spread over the concurrent clients).
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]

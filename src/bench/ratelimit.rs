@@ -1,13 +1,15 @@
 //! `bench ratelimit`: latency and throughput of the HTTP front's rate-limit decision, through
-//! the project's limiter ([`HttpRateLimiter::check`]: one `EVALSHA` of the shared
-//! token-bucket script), with one client and with many concurrent
-//! ones, beside a plain Redis `GET` round trip on the same kind of connection, measured in
-//! the same run, with how many `EVALSHA`s Redis answered per decision (`INFO commandstats`).
+//! the project's limiter ([`HttpRateLimiter::check`]: tokens leased from the shared
+//! token-bucket script, see [`crate::http::leases`]), with one client and with many
+//! concurrent ones, beside a plain Redis `GET` round trip on the same kind of connection,
+//! measured in the same run, with how many `EVALSHA`s Redis answered per decision
+//! (`INFO commandstats`).
 //!
 //! Each client is an API key of its own (its own bucket), as distinct callers of the front
-//! are. The allowed path is measured with limits no client reaches (the script reads,
-//! decides, writes the level and sets the expiry); the refused path with a limit of 1 (read
-//! and decide only). Only Redis is needed; every bucket expires within a second of the run.
+//! are. The allowed path is measured with limits no client reaches; the refused path with a
+//! limit of 1; the first-request path with a new key for every decision, so each one costs
+//! the `EVALSHA` of a one-token lease (what a key sending a request now and then pays). Only
+//! Redis is needed; every bucket expires within a second of the run.
 
 use super::{ratio, summary_us};
 use crate::{
@@ -74,6 +76,10 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
     let calls = evalsha_calls(&raw).await?;
     let refused = decisions(&refusing, refused_key, iterations, &mut refused_tally).await;
     let refused_calls = evalsha_calls(&raw).await? - calls;
+    let mut first_tally = Tally::default();
+    let calls = evalsha_calls(&raw).await?;
+    let first = first_decisions(&limiter, iterations, &mut first_tally).await;
+    let first_calls = evalsha_calls(&raw).await? - calls;
     let started = Instant::now();
     let raw_single = raw_gets(&raw, &raw_key, iterations).await?;
     let raw_per_sec = iterations as f64 / started.elapsed().as_secs_f64();
@@ -124,7 +130,7 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
     let (many, raw_many, p50_many, p99_many) = compare(concurrent, raw_concurrent);
     Ok(json!({
         "benchmark": "ratelimit",
-        "decision": "HttpRateLimiter::check: one EVALSHA of the token-bucket script per request",
+        "decision": "HttpRateLimiter::check: tokens leased from the token-bucket script (one EVALSHA per lease)",
         "timeout_ms": timeout.as_millis() as u64,
         "single_client": {
             "allowed": single,
@@ -132,6 +138,9 @@ pub async fn run(settings: Settings, iterations: usize, clients: usize) -> anyho
             "allowed_evalsha_per_decision": per_decision(allowed_calls, iterations),
             "refused_evalsha_per_decision": per_decision(refused_calls, iterations),
             "refused": summary_us(refused),
+            "first_request": summary_us(first),
+            "first_request_evalsha_per_decision": per_decision(first_calls, iterations),
+            "first_request_verdicts": first_tally.json(),
             "raw_redis_get": raw_single,
             "raw_gets_per_sec": raw_per_sec.round(),
             "p50_ratio_vs_raw_get": p50_single,
@@ -192,6 +201,15 @@ async fn decisions(limiter: &HttpRateLimiter, key: Uuid, n: usize, tally: &mut T
         let verdict = limiter.check(key, RouteClass::Get).await;
         samples.push(t.elapsed().as_secs_f64() * 1e6);
         tally.record(&verdict);
+    }
+    samples
+}
+
+/// `n` timed decisions, each the first of a new key.
+async fn first_decisions(limiter: &HttpRateLimiter, n: usize, tally: &mut Tally) -> Vec<f64> {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        samples.extend(decisions(limiter, Uuid::new_v4(), 1, tally).await);
     }
     samples
 }

@@ -125,10 +125,7 @@ pub struct CallCreated {
         (status = 200, description = "A call with this external_id exists; it is returned", body = CallCreated),
         (status = 400, description = "Invalid field or body", body = ErrorBody),
         (status = 403, description = "The key's scope may not write", body = ErrorBody),
-        (status = 408, description = "Body not received in time", body = ErrorBody),
         (status = 409, description = "Same Idempotency-Key still being processed", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
         (status = 422, description = "JSON of the wrong shape, or Idempotency-Key reused with another body", body = ErrorBody)))]
 pub async fn create_call(
     State(state): State<AppState>,
@@ -189,10 +186,7 @@ pub struct AnalysisRequest {
         (status = 402, description = "An LLM budget is spent", body = ErrorBody),
         (status = 403, description = "The key's scope may not write", body = ErrorBody),
         (status = 404, description = "No such call", body = ErrorBody),
-        (status = 408, description = "Body not received in time", body = ErrorBody),
         (status = 409, description = "Same Idempotency-Key still being processed", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
         (status = 422, description = "JSON of the wrong shape, or Idempotency-Key reused with another body", body = ErrorBody)))]
 pub async fn create_analysis(
     State(state): State<AppState>,
@@ -292,10 +286,7 @@ pub struct RubricRequest {
         (status = 200, description = "Rubric stored and active", body = RubricUpdated),
         (status = 400, description = "Invalid role, dimension, version or criteria", body = ErrorBody),
         (status = 403, description = "Not an admin key", body = ErrorBody),
-        (status = 408, description = "Body not received in time", body = ErrorBody),
         (status = 409, description = "The version exists", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
         (status = 422, description = "JSON of the wrong shape", body = ErrorBody)))]
 pub async fn put_rubric(
     State(state): State<AppState>,

@@ -55,7 +55,9 @@ pub const MAX_LEASE: u32 = 1024;
 /// reached when other requests keep taking every token a lease brings).
 const MAX_ROUNDS: usize = 8;
 
-/// Entries kept before idle ones (no request for [`IDLE`]) are dropped.
+/// Entries kept before idle ones (no request for [`IDLE`]) are dropped. After a pass, the
+/// next one comes when the table has doubled, so a process serving many active keys scans
+/// it once per doubling, not on every request.
 const MAX_ENTRIES: usize = 4096;
 
 /// How long an entry stays without requests before it may be dropped.
@@ -81,7 +83,38 @@ impl Acquired {
 #[derive(Clone)]
 pub struct Leases {
     limiter: RateLimiter,
-    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    entries: Arc<Mutex<Table>>,
+}
+
+/// The entries by bucket key, and the size at which idle ones are next dropped.
+#[derive(Debug)]
+struct Table {
+    entries: HashMap<String, Entry>,
+    prune_above: usize,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Self {
+            entries: HashMap::new(),
+            prune_above: MAX_ENTRIES,
+        }
+    }
+}
+
+impl Table {
+    /// The entry of `bucket`, new if it has none (dropping idle ones first when the table
+    /// has grown past `prune_above`).
+    fn entry(&mut self, bucket: &Bucket, now: Instant) -> &mut Entry {
+        if self.entries.len() >= self.prune_above && !self.entries.contains_key(bucket.key()) {
+            self.entries
+                .retain(|_, e| now.duration_since(e.last_seen) < IDLE || e.pending.is_some());
+            self.prune_above = MAX_ENTRIES.max(2 * self.entries.len());
+        }
+        self.entries
+            .entry(bucket.key().to_string())
+            .or_insert_with(|| Entry::new(now))
+    }
 }
 
 /// How a lease ended, for the requests that waited for it.
@@ -144,7 +177,7 @@ impl Leases {
         }
         let lease = self.limiter.lease(bucket, 1, 0).await;
         let mut entries = lock(&self.entries);
-        let entry = entry_of(&mut entries, bucket, Instant::now());
+        let entry = entries.entry(bucket, Instant::now());
         if entry.record(&lease, Instant::now()) == Round::FailedOpen {
             return Acquired::FAILED_OPEN;
         }
@@ -156,10 +189,7 @@ impl Leases {
     /// One decision under the lock: a held token, a lease to wait for, or a refusal.
     fn step(&self, bucket: &Bucket, now: Instant, first: bool) -> Step {
         let mut entries = lock(&self.entries);
-        if first && entries.len() > MAX_ENTRIES {
-            entries.retain(|_, e| now.duration_since(e.last_seen) < IDLE || e.pending.is_some());
-        }
-        let entry = entry_of(&mut entries, bucket, now);
+        let entry = entries.entry(bucket, now);
         if first {
             entry.count(now);
         }
@@ -199,7 +229,7 @@ impl Leases {
             let round = {
                 let now = Instant::now();
                 let mut entries = lock(&entries);
-                let entry = entry_of(&mut entries, &bucket, now);
+                let entry = entries.entry(&bucket, now);
                 entry.pending = None;
                 entry.record(&lease, now)
             };
@@ -207,17 +237,6 @@ impl Leases {
         });
         answer
     }
-}
-
-/// The entry of `bucket`, new if it has none.
-fn entry_of<'a>(
-    entries: &'a mut HashMap<String, Entry>,
-    bucket: &Bucket,
-    now: Instant,
-) -> &'a mut Entry {
-    entries
-        .entry(bucket.key().to_string())
-        .or_insert_with(|| Entry::new(now))
 }
 
 /// Locks the entries, also after a panic elsewhere (every update keeps an entry consistent).
@@ -343,6 +362,36 @@ mod tests {
             wait: Duration::from_millis(wait_ms),
             source: Source::Redis,
         }
+    }
+
+    #[test]
+    fn idle_entries_are_dropped_once_per_doubling_of_the_table() {
+        let t0 = Instant::now();
+        let key = |i: usize| Bucket::per_minute(&format!("http:get:{i}"), 60.0).unwrap();
+        let mut table = Table::default();
+        let mut passes = 0;
+        for i in 0..4 * MAX_ENTRIES {
+            let before = table.prune_above;
+            table.entry(&key(i), t0);
+            passes += usize::from(table.prune_above != before);
+        }
+        assert_eq!(table.entries.len(), 4 * MAX_ENTRIES, "active entries stay");
+        assert_eq!(passes, 2, "passes at 1× and 2× MAX_ENTRIES only");
+        assert_eq!(table.prune_above, 4 * MAX_ENTRIES);
+        let later = t0 + IDLE + Duration::from_secs(1);
+        table.entry(&key(0), later).count(later);
+        assert_eq!(
+            table.entries.len(),
+            4 * MAX_ENTRIES,
+            "a known key is no pass"
+        );
+        table.entry(&key(usize::MAX), later);
+        assert_eq!(
+            table.entries.len(),
+            2,
+            "idle entries dropped, the two recent kept"
+        );
+        assert_eq!(table.prune_above, MAX_ENTRIES);
     }
 
     #[test]

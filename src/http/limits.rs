@@ -1,6 +1,7 @@
 //! HTTP rate limits: one token bucket per API key and route class, charged in Redis through
-//! the fleet limiter of [`crate::rate_limit`] (the same Lua script as the LLM limits, one
-//! `EVALSHA` per request).
+//! the fleet limiter of [`crate::rate_limit`] (the same Lua script as the LLM limits). A
+//! busy key's requests spend tokens leased to the process ([`super::leases`]): one
+//! `EVALSHA` per lease, not per request, and never more admitted than the bucket holds.
 //!
 //! # Who and what is charged
 //! The identity is the authenticated API key's id ([`Principal::key_id`]); nothing the client
@@ -21,8 +22,9 @@
 //! | `post` | every other `POST`, `PUT`, `PATCH`, `DELETE` | 30/min |
 //!
 //! `/healthz` and `/readyz` are never limited, nor are unknown routes and methods a route
-//! does not serve (their 404 and 405 do no work). A bucket holds a minute's worth of requests and refills continuously
-//! (`per_min / 60` a second); its Redis key expires once it would be full again.
+//! does not serve (their 404 and 405 do no work). A bucket holds a minute's worth of
+//! requests and refills continuously (`per_min / 60` a second); its Redis key expires once
+//! it would be full again.
 //!
 //! # Headers
 //! Every response of a limited route carries, for a class `get` of 100/min after 5 requests:

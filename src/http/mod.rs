@@ -59,7 +59,7 @@ pub struct AppState {
     pub keys: auth::KeyCache,
     /// What the dashboard's schedule panel lists ([`crate::schedule::DashboardSchedule`]);
     /// `None` shows "scheduler not configured".
-    pub schedule: Option<Arc<dyn dashboard::ScheduleSource>>,
+    pub schedule: Option<Arc<crate::schedule::DashboardSchedule>>,
 }
 
 /// Builds the router with every route and layer. Each handler is registered with its OpenAPI

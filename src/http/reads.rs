@@ -299,9 +299,9 @@ pub struct RepInsights {
     pub dimensions: Vec<performance::DimensionSummary>,
 }
 
-/// `GET /v1/cache/stats?days=7`: where the window's answers came from and what they cost
-/// ([`performance::cache_report`]), with the spec's sections and the per-dimension figures
-/// ([`crate::stats::collect`]).
+/// `GET /v1/cache/stats?days=7`: the spec's sections and the per-dimension figures
+/// ([`crate::stats::collect`]), with where the window's answers came from and what they cost
+/// ([`performance::cache_report`], from the same reading of the runs).
 #[utoipa::path(get, path = "/v1/cache/stats", tag = "reads", params(DaysParams),
     responses(
         (status = 200, description = "Cache statistics of the window", body = Object),
@@ -313,10 +313,10 @@ pub async fn cache_stats(
 ) -> Result<Json<Value>, ApiError> {
     principal.require(READERS)?;
     let days = params.days(7)?;
-    let mut report = performance::cache_report(&state.pg, days).await?;
     let stats = crate::stats::collect(&state.pg, &state.redis, days, true).await;
+    let mut report = performance::cache_report(&state.pg, days, &stats.sources).await?;
     if let (Value::Object(report), Ok(Value::Object(stats))) =
-        (&mut report, serde_json::to_value(stats))
+        (&mut report, serde_json::to_value(&stats))
     {
         report.extend(stats);
     }

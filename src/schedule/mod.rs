@@ -303,27 +303,21 @@ impl DashboardSchedule {
         let schedule = Schedule::load(path).map_err(|e| e.to_string());
         Self { pg, schedule }
     }
-}
 
-impl crate::http::dashboard::ScheduleSource for DashboardSchedule {
-    fn entries(
-        &self,
-    ) -> futures::future::BoxFuture<'_, anyhow::Result<Vec<crate::http::dashboard::ScheduleRow>>>
-    {
-        Box::pin(async move {
-            let schedule = self.schedule.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let rows = list(&self.pg, schedule, Utc::now()).await?;
-            Ok(rows
-                .into_iter()
-                .map(|row| crate::http::dashboard::ScheduleRow {
-                    name: row.entry.name,
-                    kind: row.entry.job.kind().to_string(),
-                    cron: format!("{} ({})", row.entry.cron, schedule.timezone),
-                    enabled: row.entry.enabled,
-                    last_run: row.last.map(|l| l.tick),
-                    next_run: row.next,
-                })
-                .collect())
-        })
+    /// The panel's rows, in the file's order; a file that did not load is the error.
+    pub async fn entries(&self) -> anyhow::Result<Vec<crate::http::dashboard::ScheduleRow>> {
+        let schedule = self.schedule.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let rows = list(&self.pg, schedule, Utc::now()).await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| crate::http::dashboard::ScheduleRow {
+                name: row.entry.name,
+                kind: row.entry.job.kind().to_string(),
+                cron: format!("{} ({})", row.entry.cron, schedule.timezone),
+                enabled: row.entry.enabled,
+                last_run: row.last.map(|l| l.tick),
+                next_run: row.next,
+            })
+            .collect())
     }
 }

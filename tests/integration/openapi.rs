@@ -72,6 +72,11 @@ async fn the_document_covers_every_route_with_its_errors_and_security() {
                 !public,
                 "{method} {path}"
             );
+            if operation.get("requestBody").is_some() {
+                for status in ["400", "408", "413", "415", "422"] {
+                    assert!(responses.contains_key(status), "{method} {path}: {status}");
+                }
+            }
         }
     }
     let schemas = doc["components"]["schemas"].as_object().unwrap();

@@ -11,7 +11,6 @@ use crate::{
     stats::{self, CacheStats},
 };
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use futures::future::BoxFuture;
 use sqlx::PgPool;
 use std::collections::HashMap;
 
@@ -37,14 +36,6 @@ pub struct ScheduleRow {
     pub last_run: Option<DateTime<Utc>>,
     /// When it fires next.
     pub next_run: Option<DateTime<Utc>>,
-}
-
-/// Where the schedule panel gets its rows: [`crate::schedule::DashboardSchedule`] in the
-/// app, put into [`AppState::schedule`]; with none there the panel says the scheduler is not
-/// configured.
-pub trait ScheduleSource: Send + Sync {
-    /// The entries, in display order; an error is shown in the panel.
-    fn entries(&self) -> BoxFuture<'_, anyhow::Result<Vec<ScheduleRow>>>;
 }
 
 /// The job tables.
@@ -216,7 +207,7 @@ fn buckets(now: DateTime<Utc>, width: TimeDelta, n: i64) -> Vec<DateTime<Utc>> {
     (0..n).rev().map(|i| current - width * i as i32).collect()
 }
 
-async fn schedule(source: Option<&dyn ScheduleSource>) -> Schedule {
+async fn schedule(source: Option<&crate::schedule::DashboardSchedule>) -> Schedule {
     let Some(source) = source else {
         return Schedule::NotConfigured;
     };

@@ -37,7 +37,7 @@ pub mod data;
 pub mod page;
 pub mod svg;
 
-pub use data::{ScheduleRow, ScheduleSource};
+pub use data::ScheduleRow;
 
 use super::{
     AppState,
