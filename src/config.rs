@@ -533,9 +533,13 @@ fn redis_url(get: &Env<'_>) -> Result<String, ConfigError> {
     let host = get.get("REDIS_HOST").unwrap_or("127.0.0.1");
     let port: u16 = parse(get, "REDIS_PORT", 6379)?;
     let db: u32 = parse(get, "REDIS_DB", 0)?;
+    // Percent-encoded, so `/`, `?`, `#`, `@` or `%` in the password stay in the password.
     let auth = get
         .get("REDIS_PASSWORD")
-        .map(|p| format!(":{p}@"))
+        .map(|p| {
+            let p = percent_encoding::utf8_percent_encode(p, percent_encoding::NON_ALPHANUMERIC);
+            format!(":{p}@")
+        })
         .unwrap_or_default();
     Ok(format!("redis://{auth}{host}:{port}/{db}"))
 }
@@ -647,6 +651,11 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(s.redis_url.expose(), "redis://:pw@cache:6380/2");
+        let s = Settings::from_map(&env(&[("REDIS_PASSWORD", "a/b?c#d@e%f g")])).unwrap();
+        let url = s.redis_url.expose();
+        assert_eq!(url, "redis://:a%2Fb%3Fc%23d%40e%25f%20g@127.0.0.1:6379/0");
+        let info = redis::IntoConnectionInfo::into_connection_info(url).unwrap();
+        assert_eq!(info.redis_settings().password(), Some("a/b?c#d@e%f g"));
     }
 
     #[test]
