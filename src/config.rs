@@ -466,6 +466,11 @@ fn http_rate_limits(get: &Env<'_>) -> Result<RateLimitSettings, ConfigError> {
         analysis_per_min: positive(get, "RATE_LIMIT_ANALYSIS_PER_MIN", d.analysis_per_min)?,
         insights_per_min: positive(get, "RATE_LIMIT_INSIGHTS_PER_MIN", d.insights_per_min)?,
         search_per_min: positive(get, "RATE_LIMIT_SEARCH_PER_MIN", d.search_per_min)?,
+        key_lookups_per_min: positive(
+            get,
+            "RATE_LIMIT_KEY_LOOKUPS_PER_MIN",
+            d.key_lookups_per_min,
+        )?,
         timeout: Duration::from_millis(positive(get, "RATE_LIMIT_TIMEOUT_MS", 25)?),
     })
 }

@@ -205,6 +205,7 @@ impl App {
             metrics: self.metrics.clone(),
             spend: self.jobs.llm.spend().clone(),
             keys: http::auth::KeyCache::new(self.settings.auth_cache),
+            limiter: http::limits::HttpRateLimiter::from_settings(&self.settings, &self.redis),
             schedule: Some(Arc::new(schedule::DashboardSchedule::load(
                 self.pg.clone(),
                 self.settings.schedule_file.as_deref(),

@@ -2,19 +2,25 @@
 //! revocation, and the [`Principal`] extractor that authenticates `Authorization: Bearer <key>`
 //! on every non-health route. Lookups are cached in memory for `AUTH_CACHE_MS` ([`KeyCache`]),
 //! so a request costs no database round trip; each lookup that does reach the database also
-//! records the key's `last_used_at`, at most once per key per cache period and process.
+//! records the key's `last_used_at`, at most once per key per cache period and process, and
+//! is first charged to the client address's key-lookup bucket ([`super::limits`]), so
+//! unknown keys cannot make every request a query.
 //! `GET /docs` and `GET /openapi.json` also accept the dashboard's session cookie
 //! ([`SESSION_COOKIE`]); the dashboard's own routes authenticate with it in
 //! [`super::dashboard`].
 
 use super::{ApiError, AppState};
 use crate::model::sha256_hex;
-use axum::{extract::FromRequestParts, http::request::Parts};
+use axum::{
+    extract::{ConnectInfo, FromRequestParts},
+    http::request::Parts,
+};
 use rand::distr::{Alphanumeric, SampleString};
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 use std::{
     collections::HashMap,
+    net::{IpAddr, SocketAddr},
     str::FromStr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -135,7 +141,7 @@ impl FromRequestParts<AppState> for Principal {
         }
         let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
             if let Some(key) = session_key(&parts.headers).filter(|_| accepts_cookie(parts)) {
-                return authenticate(state, key).await;
+                return authenticate(state, key, client_address(&parts.extensions)).await;
             }
             return Err(ApiError::unauthorized(
                 "missing Authorization: Bearer <api key>",
@@ -148,7 +154,7 @@ impl FromRequestParts<AppState> for Principal {
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be 'Bearer <api key>'"))?;
-        authenticate(state, key).await
+        authenticate(state, key, client_address(&parts.extensions)).await
     }
 }
 
@@ -175,12 +181,28 @@ pub fn session_key(headers: &axum::http::HeaderMap) -> Option<&str> {
         .filter(|value| !value.is_empty())
 }
 
+/// The address of the client that sent the request: the TCP peer ([`super::server`] puts it
+/// in the extensions), never a header the client could set.
+pub fn client_address(extensions: &axum::http::Extensions) -> Option<IpAddr> {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip())
+}
+
 /// The principal of an API key (401 when it is unknown or revoked), from the cache or the
-/// database.
-pub async fn authenticate(state: &AppState, key: &str) -> Result<Principal, ApiError> {
+/// database. A lookup in the database is first charged to `client`'s key-lookup bucket
+/// (429 when it is empty), so unknown keys cannot cost Postgres a query each without bound.
+pub async fn authenticate(
+    state: &AppState,
+    key: &str,
+    client: Option<IpAddr>,
+) -> Result<Principal, ApiError> {
     let hash = sha256_hex(key);
     if let Some(principal) = state.keys.get(&hash) {
         return Ok(principal);
+    }
+    if let (Some(limiter), Some(client)) = (&state.limiter, client) {
+        limiter.admit_key_lookup(client).await?;
     }
     let principal = lookup(&state.pg, &hash)
         .await?

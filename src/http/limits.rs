@@ -21,6 +21,10 @@
 //! | `get` | every other `GET` / `HEAD` | 100/min |
 //! | `post` | every other `POST`, `PUT`, `PATCH`, `DELETE` | 30/min |
 //!
+//! A request whose key is not in the key cache is also charged, before its key is looked up
+//! in Postgres, to the `key_lookup` bucket of its client's address (the TCP peer),
+//! `RATE_LIMIT_KEY_LOOKUPS_PER_MIN` (600) a minute: the bound on what unknown keys cost.
+//!
 //! `/healthz` and `/readyz` are never limited, nor are unknown routes and methods a route
 //! does not serve (their 404 and 405 do no work). A bucket holds a minute's worth of
 //! requests and refills continuously (`per_min / 60` a second); its Redis key expires once
@@ -58,6 +62,7 @@
 
 use super::{ApiError, AppState, auth::Principal, leases::Leases};
 use crate::{
+    config::Settings,
     rate_limit::{Bucket, FailMode, LimiterOptions, RateLimiter},
     telemetry::names,
 };
@@ -111,6 +116,9 @@ pub struct RateLimitSettings {
     pub insights_per_min: u32,
     /// `GET /v1/calls/search` (`RATE_LIMIT_SEARCH_PER_MIN`, default 50).
     pub search_per_min: u32,
+    /// API key lookups in Postgres per client address (`RATE_LIMIT_KEY_LOOKUPS_PER_MIN`,
+    /// default 600): keys not in the in-memory cache, unknown ones included.
+    pub key_lookups_per_min: u32,
     /// Longest wait for Redis before a request is let through unchecked
     /// (`RATE_LIMIT_TIMEOUT_MS`, default 25).
     pub timeout: Duration,
@@ -126,6 +134,7 @@ impl Default for RateLimitSettings {
             analysis_per_min: 10,
             insights_per_min: 20,
             search_per_min: 50,
+            key_lookups_per_min: 600,
             timeout: Duration::from_millis(25),
         }
     }
@@ -139,6 +148,7 @@ impl RateLimitSettings {
             RouteClass::Post => self.post_per_min,
             RouteClass::Analysis => self.analysis_per_min,
             RouteClass::Insights => self.insights_per_min,
+            RouteClass::KeyLookup => self.key_lookups_per_min,
             RouteClass::Search => self.search_per_min,
         }
     }
@@ -157,6 +167,9 @@ pub enum RouteClass {
     Insights,
     /// `GET /v1/calls/search`.
     Search,
+    /// An API key looked up in Postgres (not in the key cache), charged to the client's
+    /// address before the key is known: what bounds the lookups unknown keys cost.
+    KeyLookup,
 }
 
 /// Routes with a class of their own: (method, route template, class). A template's `{…}`
@@ -176,12 +189,13 @@ const UNLIMITED_ROUTES: &[&str] = &["/healthz", "/readyz"];
 
 impl RouteClass {
     /// Every class.
-    pub const ALL: [RouteClass; 5] = [
+    pub const ALL: [RouteClass; 6] = [
         RouteClass::Get,
         RouteClass::Post,
         RouteClass::Analysis,
         RouteClass::Insights,
         RouteClass::Search,
+        RouteClass::KeyLookup,
     ];
 
     /// The policy name in the headers and the bucket key.
@@ -192,6 +206,7 @@ impl RouteClass {
             RouteClass::Analysis => "analysis",
             RouteClass::Insights => "insights",
             RouteClass::Search => "search",
+            RouteClass::KeyLookup => "key_lookup",
         }
     }
 
@@ -234,10 +249,10 @@ fn same_template(a: &str, b: &str) -> bool {
     }
 }
 
-/// The name of the bucket of `key_id` for `class` (its Redis key is
-/// `callcoach:rl:http:<class>:<key id>`).
-pub fn bucket_name(class: RouteClass, key_id: Uuid) -> String {
-    format!("http:{}:{key_id}", class.name())
+/// The name of the bucket of `who` (an API key id, or a client address for
+/// [`RouteClass::KeyLookup`]) for `class` (its Redis key is `callcoach:rl:http:<class>:<who>`).
+pub fn bucket_name(class: RouteClass, who: impl std::fmt::Display) -> String {
+    format!("http:{}:{who}", class.name())
 }
 
 /// A class's limit and its rendered static headers.
@@ -287,6 +302,23 @@ impl Verdict {
     /// Whether Redis could not be asked and the request was let through unchecked.
     pub fn failed_open(&self) -> bool {
         self.state.is_none()
+    }
+
+    /// Counts the decision in the rate-limit metrics.
+    fn count(&self) {
+        let class = self.class.name();
+        let decision = match (self.failed_open(), self.allowed) {
+            (true, _) => "fail_open",
+            (false, true) => "allowed",
+            (false, false) => "denied",
+        };
+        metrics::counter!(names::HTTP_RATE_LIMIT_DECISIONS, "class" => class, "decision" => decision)
+            .increment(1);
+        if self.failed_open() {
+            metrics::counter!(names::HTTP_RATE_LIMIT_FAILED_OPEN, "class" => class).increment(1);
+        } else if !self.allowed {
+            metrics::counter!(names::HTTP_RATE_LIMITED, "class" => class).increment(1);
+        }
     }
 
     /// `Retry-After` of a refused request: whole seconds until the next request is allowed,
@@ -341,7 +373,7 @@ fn ceil_secs(d: Duration) -> u64 {
 #[derive(Clone)]
 pub struct HttpRateLimiter {
     leases: Leases,
-    policies: Arc<[Policy; 5]>,
+    policies: Arc<[Policy; 6]>,
 }
 
 impl HttpRateLimiter {
@@ -366,10 +398,23 @@ impl HttpRateLimiter {
         &self.policies[index]
     }
 
-    /// The bucket of `key_id` for `class`.
-    pub fn bucket(&self, class: RouteClass, key_id: Uuid) -> Bucket {
+    /// The limits configured in `settings`, on a Redis connection of their own (`fallback`,
+    /// the app's shared one, if that cannot be opened); `None` when limits are off.
+    pub fn from_settings(settings: &Settings, fallback: &ConnectionManager) -> Option<Self> {
+        let limits = settings.http_rate_limits;
+        limits.enabled.then(|| {
+            let conn = crate::redis_connection(settings, REDIS_IN_FLIGHT).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "rate limits share the app's Redis connection");
+                fallback.clone()
+            });
+            HttpRateLimiter::new(conn, &limits)
+        })
+    }
+
+    /// The bucket of `who` for `class`.
+    pub fn bucket(&self, class: RouteClass, who: impl std::fmt::Display) -> Bucket {
         let per_min = f64::from(self.policy(class).per_min);
-        Bucket::per_minute(&bucket_name(class, key_id), per_min)
+        Bucket::per_minute(&bucket_name(class, who), per_min)
             .expect("limits are validated as positive")
     }
 
@@ -377,7 +422,32 @@ impl HttpRateLimiter {
     /// or one of a lease from Redis ([`Leases`]); no Redis call while Redis is skipped after
     /// a failure.
     pub async fn check(&self, key_id: Uuid, class: RouteClass) -> Verdict {
-        let acquired = self.leases.acquire(&self.bucket(class, key_id)).await;
+        self.charge(class, key_id).await
+    }
+
+    /// Charges one key lookup of the client at `address`.
+    pub async fn check_key_lookup(&self, address: std::net::IpAddr) -> Verdict {
+        self.charge(RouteClass::KeyLookup, address).await
+    }
+
+    /// Charges one API key lookup in Postgres to the client at `address`: `429` with
+    /// `Retry-After` when its bucket is empty.
+    pub async fn admit_key_lookup(&self, address: std::net::IpAddr) -> Result<(), ApiError> {
+        let verdict = self.check_key_lookup(address).await;
+        verdict.count();
+        if verdict.allowed {
+            return Ok(());
+        }
+        let secs = verdict.retry_after_secs().unwrap_or(1);
+        let message = format!(
+            "more than {} API key lookups a minute from {address}; retry in {secs} s",
+            verdict.limit
+        );
+        Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message).retry_after(secs))
+    }
+
+    async fn charge(&self, class: RouteClass, who: impl std::fmt::Display) -> Verdict {
+        let acquired = self.leases.acquire(&self.bucket(class, who)).await;
         Verdict {
             class,
             allowed: acquired.allowed,
@@ -406,21 +476,11 @@ impl RateLimits {
         &self.app
     }
 
-    /// The limits configured in `app`'s settings, on a Redis connection of their own (the
-    /// app's shared one if that cannot be opened).
+    /// The limits of `app` ([`AppState::limiter`]).
     pub fn new(app: &AppState) -> Self {
-        let settings = app.settings.http_rate_limits;
-        let limiter = settings.enabled.then(|| {
-            let conn =
-                crate::redis_connection(&app.settings, REDIS_IN_FLIGHT).unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "rate limits share the app's Redis connection");
-                    app.redis.clone()
-                });
-            HttpRateLimiter::new(conn, &settings)
-        });
         Self {
             app: app.clone(),
-            limiter,
+            limiter: app.limiter.clone(),
         }
     }
 }
@@ -462,22 +522,11 @@ impl RateLimits {
         };
         let (mut parts, body) = request.into_parts();
         let verdict = limiter.check(principal.key_id, class).await;
-        let decision = match (verdict.failed_open(), verdict.allowed) {
-            (true, _) => "fail_open",
-            (false, true) => "allowed",
-            (false, false) => "denied",
-        };
-        metrics::counter!(names::HTTP_RATE_LIMIT_DECISIONS, "class" => class.name(), "decision" => decision)
-            .increment(1);
-        if verdict.failed_open() {
-            metrics::counter!(names::HTTP_RATE_LIMIT_FAILED_OPEN, "class" => class.name())
-                .increment(1);
-        }
+        verdict.count();
         let mut response = if verdict.allowed {
             parts.extensions.insert(principal);
             next.run(Request::from_parts(parts, body)).await
         } else {
-            metrics::counter!(names::HTTP_RATE_LIMITED, "class" => class.name()).increment(1);
             drain(&parts.headers, body, self.app.settings.http_max_body_bytes).await;
             refusal(&verdict).into_response()
         };
@@ -632,7 +681,7 @@ mod tests {
         let s = base(&[]).unwrap().http_rate_limits;
         assert_eq!(s, RateLimitSettings::default());
         let per_min = RouteClass::ALL.map(|c| s.per_min(c));
-        assert_eq!(per_min, [100, 30, 10, 20, 50]);
+        assert_eq!(per_min, [100, 30, 10, 20, 50, 600]);
         assert_eq!(s.timeout, Duration::from_millis(25));
         let s = base(&[
             ("RATE_LIMIT_ENABLED", "false"),
@@ -650,6 +699,7 @@ mod tests {
             ("RATE_LIMIT_ANALYSIS_PER_MIN", "ten"),
             ("RATE_LIMIT_INSIGHTS_PER_MIN", "1.5"),
             ("RATE_LIMIT_SEARCH_PER_MIN", "99999999999"),
+            ("RATE_LIMIT_KEY_LOOKUPS_PER_MIN", "0"),
             ("RATE_LIMIT_ENABLED", "sometimes"),
             ("RATE_LIMIT_TIMEOUT_MS", "0"),
         ] {

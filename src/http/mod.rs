@@ -57,6 +57,9 @@ pub struct AppState {
     pub spend: crate::llm::limits::SpendGuard,
     /// Authenticated API keys, cached for `AUTH_CACHE_MS`.
     pub keys: auth::KeyCache,
+    /// The HTTP rate limits (`None` with `RATE_LIMIT_ENABLED=false`): the route classes'
+    /// buckets per key, and the key lookups per client address.
+    pub limiter: Option<limits::HttpRateLimiter>,
     /// What the dashboard's schedule panel lists ([`crate::schedule::DashboardSchedule`]);
     /// `None` shows "scheduler not configured".
     pub schedule: Option<Arc<crate::schedule::DashboardSchedule>>,
@@ -127,6 +130,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable explanation naming the problem.
     pub message: String,
+    /// `Retry-After` seconds (503s without one get [`RETRY_AFTER_SECS`]).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -136,6 +141,14 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// This error with `Retry-After: secs`.
+    pub fn retry_after(self, secs: u64) -> Self {
+        Self {
+            retry_after: Some(secs),
+            ..self
         }
     }
     /// 400 for input that is well-formed JSON but semantically wrong.
@@ -188,10 +201,13 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = self
+            .retry_after
+            .or((self.status == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECS));
+        if let Some(secs) = retry_after {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from(RETRY_AFTER_SECS),
+                axum::http::HeaderValue::from(secs),
             );
         }
         response

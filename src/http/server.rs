@@ -99,8 +99,9 @@ pub async fn serve(
         };
         let router = router.clone();
         let body_timeout = limits.body_timeout;
-        let service =
-            service_fn(move |req: Request<Incoming>| handle(router.clone(), req, body_timeout));
+        let service = service_fn(move |req: Request<Incoming>| {
+            handle(router.clone(), req, remote, body_timeout)
+        });
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -134,12 +135,16 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// One request: the header-size check, then the router with the body under its deadline.
+/// One request: the client's address into its extensions (`ConnectInfo`), the header-size
+/// check, then the router with the body under its deadline.
 async fn handle(
     router: Router,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
+    remote: std::net::SocketAddr,
     body_timeout: Duration,
 ) -> Result<Response, Infallible> {
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(remote));
     let header_bytes: usize = req
         .headers()
         .iter()

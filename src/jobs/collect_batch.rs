@@ -1,7 +1,7 @@
 //! Batch mode: analyses nobody waits on (`AnalyzeCall { batch: true }` with `LLM_BATCH_MODE`
 //! on) go through the Message Batches API at half the price.
 //!
-//! [`submit`] (called by `analyze_call`) answers the dimensions already in the cache as
+//! `submit` (called by `analyze_call`) answers the dimensions already in the cache as
 //! usual, sends the others as one batch (1-hour cache TTL, so the call's shared prefix stays
 //! warm across the batch) and enqueues a `collect_batch` job. [`CollectBatch`] snoozes while
 //! the batch runs (no attempt used; `BATCH_POLL_SECS` between looks, growing with the

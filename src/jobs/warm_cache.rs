@@ -3,7 +3,7 @@
 //!
 //! For each call scheduled in the last `days` days (optionally one role) and each dimension
 //! (optionally one), the cache key of the *current* rubric, knowledge base and model is built
-//! with [`analyze_call::cache_key`], then looked up with [`CoachingCache::lookup`] without
+//! with [`analyze_call::cache_key`], then looked up with [`crate::cache::CoachingCache::lookup`] without
 //! moving the hit/miss counters:
 //! - a Redis hit is already warm;
 //! - a Postgres hit refills Redis (the lookup does that) and counts as refilled;

@@ -1,5 +1,5 @@
 //! The built-in scheduler (`callcoach scheduler`): enqueues the recurring jobs of the
-//! schedule file ([`file`]) at their cron ticks, exactly once per tick however many
+//! schedule file ([`mod@file`]) at their cron ticks, exactly once per tick however many
 //! schedulers run.
 //!
 //! - **Ticks** are computed here ([`tick`]) in the file's IANA timezone with croner over naive

@@ -235,6 +235,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         ("RATE_LIMIT_ANALYSIS_PER_MIN", "1000000".into()),
         ("RATE_LIMIT_INSIGHTS_PER_MIN", "1000000".into()),
         ("RATE_LIMIT_SEARCH_PER_MIN", "1000000".into()),
+        ("RATE_LIMIT_KEY_LOOKUPS_PER_MIN", "1000000".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

@@ -368,6 +368,55 @@ async fn spoofed_identities_and_varied_paths_share_the_keys_bucket() {
     assert_eq!(resp.status(), 429);
 }
 
+/// Keys not in the key cache are looked up in Postgres at most
+/// `RATE_LIMIT_KEY_LOOKUPS_PER_MIN` times a minute per client address (the TCP peer): then
+/// unknown and not-yet-cached keys get a 429 without a query, whatever address headers they
+/// send, while a cached key goes on working.
+#[tokio::test]
+async fn key_lookups_are_limited_per_client_address() {
+    let app = limited_app(&[
+        ("RATE_LIMIT_KEY_LOOKUPS_PER_MIN", "5"),
+        ("AUTH_CACHE_MS", "60000"),
+    ])
+    .await;
+    let (_, cached) = new_key(&app, "cached").await;
+    let (fresh_id, fresh) = new_key(&app, "fresh").await;
+    // Lookup 1 caches the key; lookups 2-5 find nothing.
+    assert_eq!(get_with(&app, &cached, &job_path()).await.status(), 404);
+    for i in 0..4 {
+        let resp = get_with(&app, &format!("cc_unknown_{i}"), &job_path()).await;
+        assert_eq!(resp.status(), 401, "lookup {}", i + 2);
+    }
+    let resp = app
+        .http
+        .get(app.url(&job_path()))
+        .bearer_auth("cc_unknown_spoofing")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-real-ip", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = header_of(&resp, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=12).contains(&retry), "one lookup every 12 s: {retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("5 API key lookups a minute from 127.0.0.1"),
+        "{message}"
+    );
+    assert_eq!(get_with(&app, &fresh, &job_path()).await.status(), 429);
+    assert_eq!(get_with(&app, &cached, &job_path()).await.status(), 404);
+    let used: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT last_used_at FROM api_keys WHERE id = $1")
+            .bind(fresh_id)
+            .fetch_one(&app.app.pg)
+            .await
+            .unwrap();
+    assert!(used.is_none(), "the refused key was never looked up");
+}
+
 /// Each class has its limit and bucket, picked by the matched route: every rep's insights
 /// share one bucket, search and analyses have their own, other reads and writes theirs.
 #[tokio::test]
@@ -869,6 +918,14 @@ async fn bench_ratelimit_reports_decisions_beside_raw_gets() {
     assert_eq!(single["allowed"]["samples"], 300);
     assert_eq!(single["verdicts"]["allowed"], 300);
     assert_eq!(single["refused_verdicts"]["refused"], 300);
+    assert_eq!(single["first_request_verdicts"]["allowed"], 300);
+    // A busy key leases: a few EVALSHAs for 300 decisions. A refused one asks Redis once,
+    // learns when its next token exists and refuses here until then. A key's first request
+    // costs the one EVALSHA of its lease.
+    let calls = |name: &str| single[name].as_f64().unwrap();
+    assert!(calls("allowed_evalsha_per_decision") < 0.2, "{single}");
+    assert!(calls("refused_evalsha_per_decision") < 0.01, "{single}");
+    assert_eq!(calls("first_request_evalsha_per_decision"), 1.0, "{single}");
     assert_eq!(report["concurrent"]["clients"], 5);
     assert_eq!(report["concurrent"]["decisions"]["samples"], 1200);
     assert_eq!(report["concurrent"]["verdicts"]["failed_open"], 0);

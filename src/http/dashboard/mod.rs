@@ -103,8 +103,9 @@ async fn require_session(
     next: Next,
 ) -> Response {
     let state = limits.app();
+    let client = auth::client_address(request.extensions());
     let principal = match auth::session_key(request.headers()) {
-        Some(key) => auth::authenticate(state, key)
+        Some(key) => auth::authenticate(state, key, client)
             .await
             .ok()
             .filter(|p| p.require(OPERATORS).is_ok()),
@@ -167,6 +168,7 @@ struct LoginForm {
 
 async fn login(
     State(state): State<AppState>,
+    client: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
@@ -181,7 +183,8 @@ async fn login(
             .into_response();
     };
     let key = form.key.trim();
-    let principal = match auth::authenticate(&state, key).await {
+    let client = client.map(|info| info.0.0.ip());
+    let principal = match auth::authenticate(&state, key, client).await {
         Ok(principal) => principal,
         Err(e) if e.status == StatusCode::UNAUTHORIZED => {
             return (
