@@ -117,6 +117,9 @@ pub struct Settings {
     /// Largest request body the HTTP front accepts (`HTTP_MAX_BODY_BYTES`, default 2 MiB);
     /// larger bodies get `413`.
     pub http_max_body_bytes: usize,
+    /// Browser origins allowed to call the API (`CORS_ALLOWED_ORIGINS`, comma-separated
+    /// `scheme://host[:port]`, or `*` for any; default none: no CORS headers at all).
+    pub cors_allowed_origins: Vec<String>,
     /// Time a client has to send a request's headers (`HTTP_HEADER_TIMEOUT_MS`, default
     /// 10000), counted from the connection's start or the end of its previous response: it
     /// is also the keep-alive idle timeout. A client past it is disconnected.
@@ -265,6 +268,7 @@ impl Settings {
                 crate::http::MAX_BODY_BYTES,
                 1024..=1024 * 1024 * 1024,
             )?,
+            cors_allowed_origins: cors_origins(get)?,
             http_header_timeout: Duration::from_millis(bounded(
                 get,
                 "HTTP_HEADER_TIMEOUT_MS",
@@ -527,6 +531,40 @@ fn redis_tls_ca(get: &Env<'_>) -> Result<Option<TlsCa>, ConfigError> {
     }))
 }
 
+/// `CORS_ALLOWED_ORIGINS`: `*` alone, or origins as browsers send them (`scheme://host` with
+/// an optional port, no path, no trailing slash), de-duplicated.
+fn cors_origins(get: &Env<'_>) -> Result<Vec<String>, ConfigError> {
+    const VAR: &str = "CORS_ALLOWED_ORIGINS";
+    let Some(list) = get.get(VAR) else {
+        return Ok(Vec::new());
+    };
+    let mut origins: Vec<String> = Vec::new();
+    for origin in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let host = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        let valid = origin == "*"
+            || host.is_some_and(|h| {
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.:[]".contains(c))
+            });
+        if !valid {
+            return Err(bad(
+                VAR,
+                format!("{origin:?} is not an origin (scheme://host[:port], or *)"),
+            ));
+        }
+        if !origins.iter().any(|o| o == origin) {
+            origins.push(origin.to_string());
+        }
+    }
+    if origins.len() > 1 && origins.iter().any(|o| o == "*") {
+        return Err(bad(VAR, "* allows every origin; list no others with it"));
+    }
+    Ok(origins)
+}
+
 /// `REDIS_URL` wins; otherwise the URL is assembled from the spec's `REDIS_HOST/PORT/DB/PASSWORD`.
 fn redis_url(get: &Env<'_>) -> Result<String, ConfigError> {
     if let Some(url) = get.get("REDIS_URL") {
@@ -644,6 +682,29 @@ mod tests {
         assert_eq!(s.cache_ttl_days, 90);
         assert!(s.enable_caching);
         assert_eq!(s.redis_url.expose(), "redis://127.0.0.1:6379/0");
+    }
+
+    #[test]
+    fn cors_origins_are_checked_and_deduplicated() {
+        let origins = |v: &str| {
+            Settings::from_map(&env(&[("CORS_ALLOWED_ORIGINS", v)])).map(|s| s.cors_allowed_origins)
+        };
+        assert_eq!(
+            origins("https://a.example, http://localhost:3000,https://a.example").unwrap(),
+            ["https://a.example", "http://localhost:3000"]
+        );
+        assert_eq!(origins("*").unwrap(), ["*"]);
+        assert!(origins(" ").unwrap().is_empty());
+        for bad in [
+            "a.example",
+            "https://a.example/",
+            "ftp://a",
+            "https://",
+            "*,https://a.example",
+        ] {
+            let err = origins(bad).unwrap_err().to_string();
+            assert!(err.contains("CORS_ALLOWED_ORIGINS"), "{bad}: {err}");
+        }
     }
 
     #[test]

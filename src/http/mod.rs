@@ -69,6 +69,7 @@ pub struct AppState {
 /// operation ([`openapi`]), and the document is served at `/openapi.json` and `/docs`.
 pub fn router(state: AppState) -> Router {
     let max_body_bytes = state.settings.http_max_body_bytes;
+    let cors = cors(&state.settings.cors_allowed_origins);
     let limits = limits::RateLimits::new(&state);
     let dashboard = dashboard::router(state.clone(), limits.clone());
     let idempotent = || from_fn_with_state(state.clone(), idempotency::idempotent);
@@ -102,8 +103,45 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::Extension(openapi::Document::new(&doc)))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(compression::gzip))
+        // Outside the limits and authentication: a preflight carries no key.
+        .layer(tower::util::option_layer(cors))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The CORS layer of `CORS_ALLOWED_ORIGINS` (none without origins): it answers preflights
+/// and lets the listed origins send the API's headers and read the rate-limit ones.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow_origin = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PUT])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+            ])
+            .expose_headers([
+                limits::X_RATELIMIT_LIMIT,
+                limits::X_RATELIMIT_REMAINING,
+                limits::X_RATELIMIT_RESET,
+                limits::RATELIMIT_POLICY,
+                limits::RATELIMIT,
+                header::RETRY_AFTER,
+                compression::X_COMPRESSION_RATIO,
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// A registered handler with a layer on its route only.

@@ -944,3 +944,74 @@ async fn bench_ratelimit_reports_decisions_beside_raw_gets() {
         assert!(ttl > 0, "{key} never expires");
     }
 }
+
+/// `CORS_ALLOWED_ORIGINS`: a listed origin's preflight is answered without a key, and its
+/// requests may read the rate-limit headers; other origins, and every origin without the
+/// setting, get no CORS headers.
+#[tokio::test]
+async fn cors_answers_listed_origins_only() {
+    let app = limited_app(&[(
+        "CORS_ALLOWED_ORIGINS",
+        "https://app.example, http://localhost:3000",
+    )])
+    .await;
+    let preflight = |origin: &'static str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, app.url("/v1/analyses"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type, idempotency-key",
+            )
+            .send()
+    };
+    let resp = preflight("https://app.example").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        header_of(&resp, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    let allowed = header_of(&resp, "access-control-allow-headers").unwrap();
+    for name in ["authorization", "content-type", "idempotency-key"] {
+        assert!(allowed.contains(name), "{allowed}");
+    }
+    assert!(
+        header_of(&resp, "access-control-allow-methods")
+            .unwrap()
+            .contains("POST")
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(header_of(&other, "access-control-allow-origin").is_none());
+
+    let resp = app
+        .http
+        .get(app.url(&job_path()))
+        .bearer_auth(&app.key)
+        .header("origin", "http://localhost:3000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(
+        header_of(&resp, "access-control-allow-origin").as_deref(),
+        Some("http://localhost:3000")
+    );
+    let exposed = header_of(&resp, "access-control-expose-headers").unwrap();
+    assert!(
+        exposed.contains("x-ratelimit-remaining") && exposed.contains("retry-after"),
+        "{exposed}"
+    );
+
+    let plain = limited_app(&[]).await;
+    let resp = plain
+        .http
+        .get(plain.url(&job_path()))
+        .bearer_auth(&plain.key)
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(header_of(&resp, "access-control-allow-origin").is_none());
+}
