@@ -117,6 +117,9 @@ pub struct Settings {
     /// Largest request body the HTTP front accepts (`HTTP_MAX_BODY_BYTES`, default 2 MiB);
     /// larger bodies get `413`.
     pub http_max_body_bytes: usize,
+    /// Largest response body sent uncompressed (`COMPRESSION_MIN_BYTES`, default 1024);
+    /// larger compressible bodies are gzipped for clients that accept it.
+    pub compression_min_bytes: usize,
     /// Browser origins allowed to call the API (`CORS_ALLOWED_ORIGINS`, comma-separated
     /// `scheme://host[:port]`, or `*` for any; default none: no CORS headers at all).
     pub cors_allowed_origins: Vec<String>,
@@ -269,6 +272,12 @@ impl Settings {
                 1024..=1024 * 1024 * 1024,
             )?,
             cors_allowed_origins: cors_origins(get)?,
+            compression_min_bytes: bounded(
+                get,
+                "COMPRESSION_MIN_BYTES",
+                crate::http::compression::MIN_SIZE,
+                0..=1024 * 1024 * 1024,
+            )?,
             http_header_timeout: Duration::from_millis(bounded(
                 get,
                 "HTTP_HEADER_TIMEOUT_MS",

@@ -1,5 +1,5 @@
-//! Response compression: gzip at level 6 for compressible bodies over 1 KiB, when the client
-//! accepts gzip.
+//! Response compression: gzip at level 6 for compressible bodies over 1 KiB
+//! (`COMPRESSION_MIN_BYTES`), when the client accepts gzip.
 //!
 //! A response is compressed when all of these hold:
 //! - the request is not `HEAD`, and its `Accept-Encoding` gives `gzip` (or `x-gzip`, or `*`
@@ -10,7 +10,7 @@
 //!   no-transform`, and a compressible `Content-Type`: `text/*` (but not `text/event-stream`),
 //!   `application/json`, `application/*+json`, `application/javascript`, `application/xml`,
 //!   `application/*+xml`, `application/x-ndjson`, `image/svg+xml`;
-//! - its body has a known length over [`MIN_SIZE`] bytes (streamed bodies, SSE among them,
+//! - its body has a known length over the threshold ([`MIN_SIZE`] by default; streamed bodies, SSE among them,
 //!   pass untouched as they come);
 //! - the gzip output is smaller than the body.
 //!
@@ -22,7 +22,7 @@
 
 use axum::{
     body::{Body, Bytes, HttpBody as _},
-    extract::Request,
+    extract::{Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
     middleware::Next,
     response::Response,
@@ -30,7 +30,8 @@ use axum::{
 use flate2::{Compression, write::GzEncoder};
 use std::io::Write;
 
-/// Bodies of this many bytes or fewer are sent as they are.
+/// Bodies of this many bytes or fewer are sent as they are, unless `COMPRESSION_MIN_BYTES`
+/// says otherwise.
 pub const MIN_SIZE: usize = 1024;
 
 /// The gzip level.
@@ -42,12 +43,13 @@ pub const X_COMPRESSION_RATIO: HeaderName = HeaderName::from_static("x-compressi
 /// Bodies larger than this are compressed on the blocking pool, off the request threads.
 const BLOCKING_ABOVE: usize = 64 * 1024;
 
-/// The middleware (`axum::middleware::from_fn(compression::gzip)`).
-pub async fn gzip(request: Request, next: Next) -> Response {
+/// The middleware (`axum::middleware::from_fn_with_state(min_size, compression::gzip)`):
+/// bodies of `min_size` bytes or fewer are not compressed.
+pub async fn gzip(State(min_size): State<usize>, request: Request, next: Next) -> Response {
     let head = request.method() == Method::HEAD;
     let accepted = !head && accepts_gzip(&request.headers().get_all(header::ACCEPT_ENCODING));
     let response = next.run(request).await;
-    if head || !eligible(&response) {
+    if head || !eligible(&response, min_size) {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -146,7 +148,7 @@ fn parse_q(raw: &str) -> f32 {
 }
 
 /// Whether the response is one that gets compressed when the client accepts gzip.
-fn eligible(response: &Response) -> bool {
+fn eligible(response: &Response, min_size: usize) -> bool {
     let headers = response.headers();
     if headers.contains_key(header::CONTENT_ENCODING)
         || headers.contains_key(header::CONTENT_RANGE)
@@ -160,7 +162,7 @@ fn eligible(response: &Response) -> bool {
         .body()
         .size_hint()
         .exact()
-        .is_some_and(|len| len > MIN_SIZE as u64)
+        .is_some_and(|len| len > min_size as u64)
 }
 
 fn no_transform(headers: &HeaderMap) -> bool {

@@ -102,7 +102,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::Extension(openapi::Document::new(&doc)))
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn(compression::gzip))
+        .layer(from_fn_with_state(
+            state.settings.compression_min_bytes,
+            compression::gzip,
+        ))
         // Outside the limits and authentication: a preflight carries no key.
         .layer(tower::util::option_layer(cors))
         .layer(TraceLayer::new_for_http())

@@ -684,6 +684,34 @@ fn long_call(tag: &str) -> Value {
 
 /// A JSON body over 1 KiB is gzipped when the client accepts gzip, with the headers the spec
 /// asks for; q=0, identity or other codings get it as it is.
+/// `COMPRESSION_MIN_BYTES` moves the threshold: a call's details (a few KiB) go out as they
+/// are under a threshold above their size, and gzipped under one below it.
+#[tokio::test]
+async fn the_compression_threshold_is_configurable() {
+    for (threshold, compressed) in [("1000000", false), ("2048", true)] {
+        let app = limited_app(&[("COMPRESSION_MIN_BYTES", threshold)]).await;
+        let id = app.ingest(&long_call("threshold")).await;
+        let resp = raw_client()
+            .get(app.url(&format!("/v1/calls/{id}")))
+            .bearer_auth(&app.key)
+            .header(header::ACCEPT_ENCODING, "gzip")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let encoding = header_of(&resp, "content-encoding");
+        let body = resp.bytes().await.unwrap();
+        assert_eq!(encoding.is_some(), compressed, "threshold {threshold}");
+        if !compressed {
+            assert!(
+                body.len() > 2048 && body.len() < 1_000_000,
+                "{} bytes",
+                body.len()
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn large_json_is_gzipped_by_accept_encoding() {
     let app = limited_app(&[]).await;
@@ -836,7 +864,10 @@ async fn compression_follows_content_type_length_and_encoding() {
             get(stream("application/json", text.clone())),
         )
         .route("/encoded", get(encoded))
-        .layer(axum::middleware::from_fn(compression::gzip));
+        .layer(axum::middleware::from_fn_with_state(
+            compression::MIN_SIZE,
+            compression::gzip,
+        ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
