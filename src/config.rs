@@ -78,7 +78,8 @@ pub struct Settings {
     /// Model id (`CLAUDE_MODEL`, default the current Sonnet); must be in `jobs/models.toml`
     /// and not retired.
     pub claude_model: String,
-    /// Output budget per analysis, thinking included (`CLAUDE_MAX_TOKENS`, default 4096).
+    /// Output budget per analysis, thinking included (`CLAUDE_MAX_TOKENS`, default
+    /// [`DEFAULT_MAX_TOKENS`]).
     pub claude_max_tokens: u32,
     /// `output_config.effort` (`CLAUDE_EFFORT`: low, medium, high, xhigh, max, or `default`
     /// to send none). Default `low`: thinking is billed as output, and scoring against a
@@ -244,7 +245,7 @@ impl Settings {
             anthropic_api_key: Secret::new(get.get("ANTHROPIC_API_KEY").unwrap_or("emulator-key")),
             anthropic_base_url: url(get, "ANTHROPIC_BASE_URL", "http://127.0.0.1:4010")?,
             claude_model: claude_model(get)?,
-            claude_max_tokens: positive(get, "CLAUDE_MAX_TOKENS", 4096)?,
+            claude_max_tokens: positive(get, "CLAUDE_MAX_TOKENS", DEFAULT_MAX_TOKENS)?,
             claude_effort: match get.get("CLAUDE_EFFORT") {
                 Some("default") => None,
                 _ => Some(parse(get, "CLAUDE_EFFORT", Effort::Low)?),
@@ -503,6 +504,10 @@ fn claude_model(get: &Env<'_>) -> Result<String, ConfigError> {
 
 /// The model used unless `CLAUDE_MODEL` says otherwise: the current Sonnet.
 pub const DEFAULT_MODEL: &str = "claude-sonnet-5-5";
+
+/// The default output budget of an analysis, thinking included: the spec's 8000. An answer
+/// is a few hundred tokens; the rest leaves room for thinking, and is billed only if used.
+pub const DEFAULT_MAX_TOKENS: u32 = 8000;
 
 /// PEM certificates read from a file at start-up.
 #[derive(Clone)]

@@ -171,7 +171,12 @@ impl KeyStyle {
     async fn default_for(pool: &PgPool) -> anyhow::Result<KeyStyle> {
         let (_, kb_version) = crate::db::knowledge_base(pool).await?;
         let model = crate::config::DEFAULT_MODEL.to_string();
-        let fingerprint = fingerprint(&model, PROMPT_TEMPLATE_VERSION, &kb_version, 4096);
+        let fingerprint = fingerprint(
+            &model,
+            PROMPT_TEMPLATE_VERSION,
+            &kb_version,
+            crate::config::DEFAULT_MAX_TOKENS,
+        );
         Ok(KeyStyle { model, fingerprint })
     }
 }
