@@ -60,7 +60,8 @@ pub struct Settings {
     /// CA certificate(s) a `rediss://` server's certificate must chain to
     /// (`REDIS_TLS_CA_FILE`, PEM; default the system's trust store).
     pub redis_tls_ca: Option<TlsCa>,
-    /// Redis connection budget (`REDIS_MAX_CONNECTIONS`, default 50).
+    /// Commands in flight on each multiplexed Redis connection (`REDIS_MAX_CONNECTIONS`,
+    /// default 50): the spec's pool size, for a client that needs no pool.
     pub redis_max_connections: usize,
     /// Whether analyses are served from the cache tiers (`ENABLE_CACHING`, default true).
     pub enable_caching: bool,
