@@ -10,8 +10,8 @@
 //!   no-transform`, and a compressible `Content-Type`: `text/*` (but not `text/event-stream`),
 //!   `application/json`, `application/*+json`, `application/javascript`, `application/xml`,
 //!   `application/*+xml`, `application/x-ndjson`, `image/svg+xml`;
-//! - its body has a known length over the threshold ([`MIN_SIZE`] by default; streamed bodies, SSE among them,
-//!   pass untouched as they come);
+//! - its body has a known length over the threshold ([`MIN_SIZE`] by default; streamed
+//!   bodies, SSE among them, pass untouched as they come);
 //! - the gzip output is smaller than the body.
 //!
 //! A compressed response gets `Content-Encoding: gzip`, its new `Content-Length`, a weak

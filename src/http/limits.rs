@@ -148,8 +148,8 @@ impl RateLimitSettings {
             RouteClass::Post => self.post_per_min,
             RouteClass::Analysis => self.analysis_per_min,
             RouteClass::Insights => self.insights_per_min,
-            RouteClass::KeyLookup => self.key_lookups_per_min,
             RouteClass::Search => self.search_per_min,
+            RouteClass::KeyLookup => self.key_lookups_per_min,
         }
     }
 }
@@ -425,15 +425,10 @@ impl HttpRateLimiter {
         self.charge(class, key_id).await
     }
 
-    /// Charges one key lookup of the client at `address`.
-    pub async fn check_key_lookup(&self, address: std::net::IpAddr) -> Verdict {
-        self.charge(RouteClass::KeyLookup, address).await
-    }
-
     /// Charges one API key lookup in Postgres to the client at `address`: `429` with
     /// `Retry-After` when its bucket is empty.
     pub async fn admit_key_lookup(&self, address: std::net::IpAddr) -> Result<(), ApiError> {
-        let verdict = self.check_key_lookup(address).await;
+        let verdict = self.charge(RouteClass::KeyLookup, address).await;
         verdict.count();
         if verdict.allowed {
             return Ok(());
@@ -462,12 +457,11 @@ impl HttpRateLimiter {
     }
 }
 
-/// The state of the rate-limit middleware: the app (to authenticate) and the limiter, if
-/// limits are enabled.
+/// The state of the rate-limit middleware: the app, to authenticate and to charge its
+/// limiter ([`AppState::limiter`], if limits are enabled).
 #[derive(Clone)]
 pub struct RateLimits {
     app: AppState,
-    limiter: Option<HttpRateLimiter>,
 }
 
 impl RateLimits {
@@ -478,16 +472,13 @@ impl RateLimits {
 
     /// The limits of `app` ([`AppState::limiter`]).
     pub fn new(app: &AppState) -> Self {
-        Self {
-            app: app.clone(),
-            limiter: app.limiter.clone(),
-        }
+        Self { app: app.clone() }
     }
 }
 
 /// The class of a request to a limited route, when limits are on.
 fn limited_class(limits: &RateLimits, request: &Request) -> Option<RouteClass> {
-    limits.limiter.as_ref()?;
+    limits.app.limiter.as_ref()?;
     let path = request.extensions().get::<MatchedPath>()?;
     RouteClass::classify(request.method(), path.as_str())
 }
@@ -515,7 +506,8 @@ impl RateLimits {
     /// headers go on the response. Used by [`enforce`] and by the dashboard, whose principal
     /// comes from its session cookie.
     pub async fn admit(&self, principal: Principal, request: Request, next: Next) -> Response {
-        let (Some(limiter), Some(class)) = (&self.limiter, limited_class(self, &request)) else {
+        let (Some(limiter), Some(class)) = (&self.app.limiter, limited_class(self, &request))
+        else {
             let mut request = request;
             request.extensions_mut().insert(principal);
             return next.run(request).await;

@@ -976,6 +976,17 @@ async fn bench_ratelimit_reports_decisions_beside_raw_gets() {
     }
 }
 
+/// A keyed GET of a job that does not exist, sent by a page of `origin`.
+async fn get_from_origin(app: &TestApp, origin: &str) -> reqwest::Response {
+    app.http
+        .get(app.url(&job_path()))
+        .bearer_auth(&app.key)
+        .header("origin", origin)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// `CORS_ALLOWED_ORIGINS`: a listed origin's preflight is answered without a key, and its
 /// requests may read the rate-limit headers; other origins, and every origin without the
 /// setting, get no CORS headers.
@@ -1015,14 +1026,7 @@ async fn cors_answers_listed_origins_only() {
     let other = preflight("https://evil.example").await.unwrap();
     assert!(header_of(&other, "access-control-allow-origin").is_none());
 
-    let resp = app
-        .http
-        .get(app.url(&job_path()))
-        .bearer_auth(&app.key)
-        .header("origin", "http://localhost:3000")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_from_origin(&app, "http://localhost:3000").await;
     assert_eq!(resp.status(), 404);
     assert_eq!(
         header_of(&resp, "access-control-allow-origin").as_deref(),
@@ -1035,14 +1039,7 @@ async fn cors_answers_listed_origins_only() {
     );
 
     let plain = limited_app(&[]).await;
-    let resp = plain
-        .http
-        .get(plain.url(&job_path()))
-        .bearer_auth(&plain.key)
-        .header("origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_from_origin(&plain, "https://app.example").await;
     assert_eq!(resp.status(), 404);
     assert!(header_of(&resp, "access-control-allow-origin").is_none());
 }
